@@ -1,0 +1,319 @@
+"""Pure layout planner: flat inode records -> an ``ImagePlan`` (no bytes are written here).
+
+The records come in BFS order (record 0 is the root) with their final xattrs, already sorted, and
+directory entries already sorted. The planner decides, exactly as libcomposefs 1.0.8 does:
+compact or extended inodes, the shared xattr table, per-inode xattr bodies, directory block
+splits, inline tails versus data blocks, the tail padding rule, nids, and the data block numbers.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+from .format import (
+    EROFS_BLKSIZ,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
+    EROFS_MAX_INLINE_TAIL,
+    EROFS_SLOTSIZE,
+    EROFS_SUPER_OFFSET,
+    EROFS_XATTR_INDEX_POSIX_ACL_ACCESS,
+    EROFS_XATTR_INDEX_POSIX_ACL_DEFAULT,
+    LCFS_MAX_NONINLINE_CHUNKS,
+    LCFS_MAX_SHARED_XATTRS,
+    SUPER_BLOCK,
+    XATTR_ENTRY,
+    chunk_params,
+    round_up,
+    xattr_filter_bit,
+    xattr_prefix_split,
+)
+
+S_IFMT = 0o170000
+S_IFDIR = stat.S_IFDIR
+S_IFREG = stat.S_IFREG
+S_IFLNK = stat.S_IFLNK
+S_IFCHR = stat.S_IFCHR
+S_IFBLK = stat.S_IFBLK
+
+#: where the inode table starts: right after the superblock.
+INODES_START = EROFS_SUPER_OFFSET + SUPER_BLOCK.size
+_ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+
+
+class InodeRecord:
+    """One inode as the writer sees it, after all composefs policy has been applied.
+
+    ``size`` is the node's stored size (for chr/blk/fifo/socket the source's SIZE, which only the
+    compact test reads). ``xattrs`` is a list of ``(key, value)`` sorted by key. ``dirents`` (for
+    directories) lists ``(name, record index)`` sorted by name, ``.`` and ``..`` included.
+    ``data`` is a symlink target or inline file content. ``external`` marks a regular file whose
+    data lives outside the image (chunk-based, described by overlay xattrs).
+    """
+
+    __slots__ = ("mode", "nlink", "uid", "gid", "rdev", "size", "mtime_sec", "mtime_nsec",
+                 "xattrs", "dirents", "data", "external")
+
+    def __init__(self, mode: int, nlink: int, uid: int, gid: int, rdev: int, size: int,
+                 mtime_sec: int, mtime_nsec: int, xattrs: list[tuple[bytes, bytes]],
+                 dirents: list[tuple[bytes, int]] | None = None, data: bytes | None = None,
+                 external: bool = False) -> None:
+        self.mode = mode
+        self.nlink = nlink
+        self.uid = uid
+        self.gid = gid
+        self.rdev = rdev
+        self.size = size
+        self.mtime_sec = mtime_sec
+        self.mtime_nsec = mtime_nsec
+        self.xattrs = xattrs
+        self.dirents = dirents
+        self.data = data
+        self.external = external
+
+
+class XattrEntryInfo:
+    """What the writer needs of one distinct (key, value) pair."""
+
+    __slots__ = ("index", "suffix", "value", "entry_size", "filter_bit", "shared_offset")
+
+    def __init__(self, key: bytes, value: bytes) -> None:
+        self.index, self.suffix = xattr_prefix_split(key)
+        self.value = value
+        self.entry_size = round_up(XATTR_ENTRY.size + len(self.suffix) + len(value), 4)
+        self.filter_bit = 0
+        self.shared_offset = -1
+
+
+@dataclass(slots=True)
+class InodePlan:
+    """Placement of one record: where it goes and what it holds."""
+
+    nid: int
+    compact: bool
+    datalayout: int
+    i_size: int
+    i_u: int
+    pad: int                                  # zero bytes written before the inode
+    xattr_size: int                           # ibody size X (0: none)
+    shared: list[XattrEntryInfo]              # shared references, in order
+    inline: list[XattrEntryInfo]              # inline entries, in order
+    name_filter: int
+    tail: int                                 # inline tail bytes T
+    n_blocks: int
+    first_block: int = 0
+    dir_chunks: list[tuple[int, int]] = field(default_factory=list)  # dirent index ranges
+
+
+@dataclass(slots=True)
+class ImagePlan:
+    """Everything the writer needs to emit an image."""
+
+    records: list[InodeRecord]
+    inodes: list[InodePlan]
+    shared_table: list[XattrEntryInfo]
+    shared_size: int
+    inodes_end: int
+    data_start: int
+    n_data_blocks: int
+    build_time: int
+    build_time_nsec: int
+    has_acl: bool
+
+    @property
+    def image_size(self) -> int:
+        return self.data_start + self.n_data_blocks * EROFS_BLKSIZ
+
+
+class LayoutError(ValueError):
+    """The records cannot be laid out (e.g. a file too large for the chunk map)."""
+
+
+def dirent_split(dirents: list[tuple[bytes, int]]) -> tuple[list[tuple[int, int]], int]:
+    """Split sorted dirents into full-block index ranges plus an inline tail.
+
+    Returns ``(chunks, tail_bytes)``: ``chunks`` lists ``(start, end)`` ranges, one per data block,
+    and the last range is the inline tail when ``tail_bytes`` > 0."""
+    chunks: list[tuple[int, int]] = []
+    block_size = 0
+    first = 0
+    for i, (name, _) in enumerate(dirents):
+        length = 12 + len(name)
+        if block_size + length > EROFS_BLKSIZ:
+            chunks.append((first, i))
+            block_size = 0
+            first = i
+        block_size += length
+    chunks.append((first, len(dirents)))
+    if block_size > EROFS_MAX_INLINE_TAIL:
+        return chunks, 0
+    return chunks, block_size
+
+
+def _min_mtime(records: list[InodeRecord]) -> tuple[int, int]:
+    best = (records[0].mtime_sec, records[0].mtime_nsec)
+    for rec in records:
+        if rec.mtime_sec <= best[0]:
+            cand = (rec.mtime_sec, rec.mtime_nsec)
+            if cand < best:
+                best = cand
+    return best
+
+
+def plan_image(records: list[InodeRecord]) -> ImagePlan:
+    """Lay out ``records`` (BFS order, root first) exactly as mkcomposefs 1.0.8 would."""
+    # --- shared xattrs: count identical (key, value) pairs over all inodes ---------------------
+    infos: dict[tuple[bytes, bytes], XattrEntryInfo] = {}
+    counts: dict[tuple[bytes, bytes], int] = {}
+    has_acl = False
+    for rec in records:
+        for pair in rec.xattrs:
+            n = counts.get(pair)
+            counts[pair] = 1 if n is None else n + 1
+    filter_bits: dict[tuple[int, bytes], int] = {}
+    for pair in counts:
+        info = XattrEntryInfo(*pair)
+        fkey = (info.index, info.suffix)
+        bit = filter_bits.get(fkey)
+        if bit is None:
+            bit = filter_bits[fkey] = xattr_filter_bit(info.index, info.suffix)
+        info.filter_bit = 1 << bit
+        infos[pair] = info
+        if pair[0] in _ACL_KEYS:
+            has_acl = True
+    shared_pairs = sorted((p for p, n in counts.items() if n > 1),
+                          key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
+    shared_table = []
+    offset = 0
+    for pair in shared_pairs:
+        info = infos[pair]
+        info.shared_offset = offset
+        offset += info.entry_size
+        shared_table.append(info)
+    shared_size = offset
+
+    build_time, build_time_nsec = _min_mtime(records)
+
+    # --- per-inode placement -----------------------------------------------------------------
+    plans: list[InodePlan] = []
+    pos = INODES_START
+    n_data_blocks = 0
+    for rec in records:
+        ftype = rec.mode & S_IFMT
+        dir_chunks: list[tuple[int, int]] = []
+        # (n_blocks, tail)
+        if ftype == S_IFDIR:
+            assert rec.dirents is not None
+            dir_chunks, tail = dirent_split(rec.dirents)
+            n_blocks = len(dir_chunks) - (1 if tail else 0)
+            size = n_blocks * EROFS_BLKSIZ + tail
+        elif ftype == S_IFLNK:
+            assert rec.data is not None
+            n_blocks, tail = 0, len(rec.data)
+            size = rec.size
+        elif ftype == S_IFREG and rec.size > 0:
+            if rec.external:
+                chunkbits, chunk_count = chunk_params(rec.size)
+                if chunk_count > LCFS_MAX_NONINLINE_CHUNKS:
+                    raise LayoutError("File too large")
+                n_blocks, tail = 0, 4 * chunk_count
+            else:
+                n_blocks, tail = divmod(rec.size, EROFS_BLKSIZ)
+                if tail > EROFS_MAX_INLINE_TAIL:
+                    n_blocks += 1
+                    tail = 0
+            size = rec.size
+        else:
+            n_blocks, tail = 0, 0
+            size = rec.size
+
+        compact = (rec.mtime_sec == build_time and rec.mtime_nsec == build_time_nsec
+                   and rec.nlink <= _U16 and rec.uid <= _U16 and rec.gid <= _U16
+                   and size <= _U32)
+        isz = 32 if compact else 64
+
+        # xattr body
+        shared: list[XattrEntryInfo] = []
+        inline: list[XattrEntryInfo] = []
+        name_filter = 0
+        xsize = 0
+        if rec.xattrs:
+            inline_size = 0
+            for pair in rec.xattrs:
+                info = infos[pair]
+                name_filter |= info.filter_bit
+                if info.shared_offset >= 0 and len(shared) < LCFS_MAX_SHARED_XATTRS:
+                    shared.append(info)
+                else:
+                    inline.append(info)
+                    inline_size += info.entry_size
+            xsize = 12 + 4 * len(shared) + inline_size
+            name_filter = _U32 & ~name_filter
+
+        # placement
+        p = (pos + 31) & ~31
+        if ftype == S_IFLNK:
+            total = isz + xsize + tail
+            if total >= EROFS_BLKSIZ:
+                n_blocks += 1
+                tail = 0
+            extra = (round_up(p, EROFS_BLKSIZ) - p) if p // EROFS_BLKSIZ != (p + total - 1) // EROFS_BLKSIZ else 0
+        else:
+            remainder = EROFS_BLKSIZ - ((p + isz + xsize) % EROFS_BLKSIZ)
+            extra = 0
+            if remainder < tail:
+                extra = round_up(remainder, EROFS_SLOTSIZE)
+                remainder = EROFS_BLKSIZ - ((p + isz + xsize + extra) % EROFS_BLKSIZ)
+                if tail > remainder:
+                    n_blocks += 1
+                    tail = 0
+                    extra = round_up(p, EROFS_BLKSIZ) - p
+        start = p + extra
+
+        # datalayout, i_size
+        datalayout = EROFS_INODE_FLAT_INLINE if tail > 0 else EROFS_INODE_FLAT_PLAIN
+        if ftype == S_IFDIR:
+            i_size = size
+        elif ftype == S_IFREG:
+            i_size = rec.size
+            if rec.size > 0 and rec.external:
+                datalayout = EROFS_INODE_CHUNK_BASED
+        elif ftype == S_IFLNK:
+            i_size = tail if n_blocks == 0 else rec.size
+        else:
+            i_size = 0
+
+        plans.append(InodePlan(
+            nid=start // EROFS_SLOTSIZE, compact=compact, datalayout=datalayout,
+            i_size=i_size, i_u=0, pad=start - pos, xattr_size=xsize, shared=shared,
+            inline=inline, name_filter=name_filter, tail=tail, n_blocks=n_blocks,
+            dir_chunks=dir_chunks))
+        n_data_blocks += n_blocks
+        pos = start + isz + xsize + tail
+
+    inodes_end = round_up(pos, EROFS_SLOTSIZE)
+    data_start = round_up(inodes_end + shared_size, EROFS_BLKSIZ)
+
+    # --- data blocks in BFS order, i_u ---------------------------------------------------------
+    block = data_start // EROFS_BLKSIZ
+    for rec, plan in zip(records, plans):
+        ftype = rec.mode & S_IFMT
+        if ftype == S_IFCHR or ftype == S_IFBLK:
+            plan.i_u = rec.rdev & _U32
+        elif ftype == S_IFDIR or ftype == S_IFREG or ftype == S_IFLNK:
+            if plan.n_blocks:
+                plan.first_block = block
+                plan.i_u = block & _U32
+                block += plan.n_blocks
+            if plan.datalayout == EROFS_INODE_CHUNK_BASED:
+                chunkbits, _ = chunk_params(rec.size)
+                plan.i_u = (plan.i_u & 0xFFFF0000) | (chunkbits - 12)
+
+    return ImagePlan(records=records, inodes=plans, shared_table=shared_table,
+                     shared_size=shared_size, inodes_end=inodes_end, data_start=data_start,
+                     n_data_blocks=n_data_blocks, build_time=build_time,
+                     build_time_nsec=build_time_nsec, has_acl=has_acl)

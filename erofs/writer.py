@@ -1,0 +1,188 @@
+"""``ImagePlan`` -> image bytes, using only the fast ``struct`` packers.
+
+The whole image is preallocated as a zeroed ``bytearray`` (every padding is zeros), and each
+section is packed at the offset the plan gave it; the writer checks that each section ends where
+the plan said, so a planner/emitter disagreement is an ``InternalError``, not a bad image.
+"""
+
+from __future__ import annotations
+
+from .errors import InternalError
+from .format import (
+    COMPOSEFS_HEADER,
+    DIRENT,
+    EROFS_BLKSIZ,
+    EROFS_BLKSIZ_BITS,
+    EROFS_FEATURE_COMPAT_MTIME,
+    EROFS_FEATURE_COMPAT_XATTR_FILTER,
+    EROFS_FT_BLKDEV,
+    EROFS_FT_CHRDEV,
+    EROFS_FT_DIR,
+    EROFS_FT_FIFO,
+    EROFS_FT_REG_FILE,
+    EROFS_FT_SOCK,
+    EROFS_FT_SYMLINK,
+    EROFS_FT_UNKNOWN,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_SUPER_MAGIC_V1,
+    EROFS_SUPER_OFFSET,
+    INODE_COMPACT,
+    INODE_EXTENDED,
+    LCFS_EROFS_FLAGS_HAS_ACL,
+    LCFS_EROFS_MAGIC,
+    LCFS_EROFS_VERSION,
+    SUPER_BLOCK,
+    XATTR_ENTRY,
+    XATTR_IBODY_HEADER,
+)
+from .layout import INODES_START, ImagePlan, InodeRecord, XattrEntryInfo, plan_image
+
+_FILE_TYPES = {
+    0o100000: EROFS_FT_REG_FILE,
+    0o040000: EROFS_FT_DIR,
+    0o020000: EROFS_FT_CHRDEV,
+    0o060000: EROFS_FT_BLKDEV,
+    0o010000: EROFS_FT_FIFO,
+    0o140000: EROFS_FT_SOCK,
+    0o120000: EROFS_FT_SYMLINK,
+}
+S_IFMT = 0o170000
+S_IFDIR = 0o040000
+S_IFREG = 0o100000
+S_IFLNK = 0o120000
+_U64 = (1 << 64) - 1
+_U32 = 0xFFFFFFFF
+_U16 = 0xFFFF
+
+
+def _pack_xattr_entry(out: bytearray, offset: int, info: XattrEntryInfo) -> int:
+    """Write one xattr entry at ``offset``; return the offset after it (4-byte aligned)."""
+    XATTR_ENTRY.pack_into(out, offset, len(info.suffix), info.index, len(info.value))
+    p = offset + 4
+    n = len(info.suffix)
+    out[p:p + n] = info.suffix
+    p += n
+    n = len(info.value)
+    out[p:p + n] = info.value
+    return offset + info.entry_size
+
+
+def _pack_dirents(out: bytearray, offset: int, dirents: list[tuple[bytes, int]], start: int,
+                  end: int, nids: list[int], ftypes: list[int]) -> int:
+    """Write dirents ``start:end`` as one chunk at ``offset``; return the end of the names."""
+    nameoff = 12 * (end - start)
+    pack_into = DIRENT.pack_into
+    p = offset
+    names = []
+    for i in range(start, end):
+        name, target = dirents[i]
+        pack_into(out, p, nids[target], nameoff, ftypes[target], 0)
+        nameoff += len(name)
+        p += 12
+        names.append(name)
+    joined = b"".join(names)
+    out[p:p + len(joined)] = joined
+    return p + len(joined)
+
+
+def emit_image(plan: ImagePlan, version: int) -> bytearray:
+    """The complete image for ``plan`` with ``composefs_version`` = ``version``."""
+    records = plan.records
+    inodes = plan.inodes
+    out = bytearray(plan.image_size)
+
+    COMPOSEFS_HEADER.pack_into(out, 0, LCFS_EROFS_MAGIC, LCFS_EROFS_VERSION,
+                               LCFS_EROFS_FLAGS_HAS_ACL if plan.has_acl else 0, version, b"")
+    SUPER_BLOCK.pack_into(
+        out, EROFS_SUPER_OFFSET,
+        EROFS_SUPER_MAGIC_V1, 0,
+        EROFS_FEATURE_COMPAT_MTIME | EROFS_FEATURE_COMPAT_XATTR_FILTER,
+        EROFS_BLKSIZ_BITS, 0, inodes[0].nid,
+        len(records), plan.build_time & _U64, plan.build_time_nsec & _U32,
+        plan.image_size // EROFS_BLKSIZ, 0, plan.inodes_end // EROFS_BLKSIZ,
+        b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0, b"")
+
+    nids = [ip.nid for ip in inodes]
+    ftypes = [_FILE_TYPES.get(r.mode & S_IFMT, EROFS_FT_UNKNOWN) for r in records]
+    shared_base = plan.inodes_end % EROFS_BLKSIZ
+    pack_compact = INODE_COMPACT.pack_into
+    pack_extended = INODE_EXTENDED.pack_into
+    pack_ihdr = XATTR_IBODY_HEADER.pack_into
+
+    pos = INODES_START
+    for ino, (rec, ip) in enumerate(zip(records, inodes)):
+        p = pos + ip.pad
+        if p & 31:
+            raise InternalError(f"inode {ino} not slot aligned")
+        fmt = ip.datalayout << 1
+        icount = (ip.xattr_size - 12) // 4 + 1 if ip.xattr_size else 0
+        if ip.compact:
+            pack_compact(out, p, fmt, icount, rec.mode & _U16, rec.nlink & _U16,
+                         ip.i_size & _U32, 0, ip.i_u, ino, rec.uid & _U16,
+                         rec.gid & _U16, 0)
+            p += 32
+        else:
+            pack_extended(out, p, fmt | 1, icount, rec.mode & _U16, 0, ip.i_size & _U64,
+                          ip.i_u, ino, rec.uid & _U32, rec.gid & _U32,
+                          rec.mtime_sec & _U64, rec.mtime_nsec & _U32, rec.nlink & _U32, b"")
+            p += 64
+        if ip.xattr_size:
+            pack_ihdr(out, p, ip.name_filter, len(ip.shared), b"")
+            p += 12
+            for info in ip.shared:
+                out[p:p + 4] = ((shared_base + info.shared_offset) // 4).to_bytes(4, "little")
+                p += 4
+            for info in ip.inline:
+                p = _pack_xattr_entry(out, p, info)
+        if ip.tail:
+            ftype = rec.mode & S_IFMT
+            if ftype == S_IFDIR:
+                start, end = ip.dir_chunks[-1]
+                p = _pack_dirents(out, p, rec.dirents, start, end, nids, ftypes)  # type: ignore[arg-type]
+            elif rec.external:
+                out[p:p + ip.tail] = b"\xff" * ip.tail
+                p += ip.tail
+            else:
+                data = rec.data
+                assert data is not None
+                out[p:p + ip.tail] = data[len(data) - ip.tail:]
+                p += ip.tail
+        pos = p
+
+    if (pos + 31) & ~31 != plan.inodes_end:
+        raise InternalError(f"inode table ends at {pos}, planned {plan.inodes_end}")
+    p = plan.inodes_end
+    for info in plan.shared_table:
+        p = _pack_xattr_entry(out, p, info)
+    if p != plan.inodes_end + plan.shared_size:
+        raise InternalError("shared xattr table size mismatch")
+
+    block_end = plan.data_start
+    for rec, ip in zip(records, inodes):
+        if not ip.n_blocks:
+            continue
+        offset = ip.first_block * EROFS_BLKSIZ
+        if offset != block_end:
+            raise InternalError(f"data block {ip.first_block} out of order")
+        ftype = rec.mode & S_IFMT
+        if ftype == S_IFDIR:
+            for b in range(ip.n_blocks):
+                start, end = ip.dir_chunks[b]
+                _pack_dirents(out, offset + b * EROFS_BLKSIZ, rec.dirents, start, end,  # type: ignore[arg-type]
+                              nids, ftypes)
+        elif ftype == S_IFREG and ip.datalayout == EROFS_INODE_CHUNK_BASED:
+            out[offset:offset + EROFS_BLKSIZ] = b"\xff" * EROFS_BLKSIZ
+        else:
+            data = rec.data
+            assert data is not None
+            first = data[:EROFS_BLKSIZ]  # mkcomposefs writes only the first block
+            out[offset:offset + len(first)] = first
+        block_end = offset + ip.n_blocks * EROFS_BLKSIZ
+    if block_end != len(out):
+        raise InternalError("data area size mismatch")
+    return out
+
+
+def build_image(records: list[InodeRecord], version: int) -> bytearray:
+    """Plan and emit an image for ``records`` (BFS order, root first)."""
+    return emit_image(plan_image(records), version)

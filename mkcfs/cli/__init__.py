@@ -1,0 +1,1 @@
+"""Command-line front ends. The only place in the package that prints or exits."""

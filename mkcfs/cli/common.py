@@ -1,0 +1,129 @@
+"""What every command-line front end shares: GNU-style long option parsing, reading input,
+and the single place where errors become one line on stderr and an exit status.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from typing import Callable, Sequence
+
+from ..errors import CfsError
+
+
+class UsageError(CfsError):
+    """A bad command line; ``usage`` asks for the usage text after the message."""
+
+    def __init__(self, message: str, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+def parse_long_options(argv: Sequence[str], options: dict[str, bool]
+                       ) -> tuple[dict[str, str], list[str]]:
+    """Parse ``--name``, ``--name=value`` and ``--name value`` like ``getopt_long``.
+
+    Unique abbreviations are accepted; options may follow positional arguments; ``--`` ends
+    option parsing; a lone ``-`` is a positional argument. Returns ``(options, positionals)``."""
+    opts: dict[str, str] = {}
+    args: list[str] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            args.extend(argv[i:])
+            break
+        if not arg.startswith("--"):
+            if arg.startswith("-") and arg != "-":
+                raise UsageError(f"unrecognized option '{arg}'", usage=True)
+            args.append(arg)
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if name in options:
+            matches = [name]
+        else:
+            matches = [o for o in options if o.startswith(name)] if name else []
+        if not matches:
+            raise UsageError(f"unrecognized option '--{name}'", usage=True)
+        if len(matches) > 1:
+            raise UsageError(f"option '--{name}' is ambiguous; possibilities: "
+                             + " ".join("--" + m for m in sorted(matches)), usage=True)
+        full = matches[0]
+        if options[full]:
+            if not eq:
+                if i >= len(argv):
+                    raise UsageError(f"option '--{full}' needs a value", usage=True)
+                value = argv[i]
+                i += 1
+            opts[full] = value
+        else:
+            if eq:
+                raise UsageError(f"option '--{full}' doesn't allow an argument", usage=True)
+            opts[full] = ""
+    return opts, args
+
+
+def read_input(source: str) -> bytes:
+    """All bytes of ``source`` (``-`` = standard input), with errors naming the path."""
+    try:
+        if source == "-":
+            return sys.stdin.buffer.read()
+        with open(source, "rb") as f:
+            return f.read()
+    except IsADirectoryError:
+        raise CfsError(f"Error reading from file {source}: Is a directory") from None
+    except OSError as exc:
+        raise CfsError(f"open `{source}': {exc.strerror or exc}") from None
+
+
+def check_output_dir(path: str) -> None:
+    """Fail early (before any work) when the image's directory does not exist or is not one."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise CfsError(f"failed to open output file {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise CfsError(f"failed to open output file {path}: Is a directory")
+
+
+def write_stdout(data: bytes | bytearray) -> None:
+    """Write bytes to standard output and flush."""
+    out = sys.stdout.buffer
+    out.write(data)
+    out.flush()
+
+
+def run(prog: str, usage: str, body: Callable[[list[str]], int],
+        argv: Sequence[str] | None = None) -> int:
+    """Run a CLI body; turn the project's errors (and I/O errors) into one line + exit 1."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        return body(list(argv))
+    except UsageError as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        if exc.usage:
+            sys.stderr.write(usage)
+        return 1
+    except CfsError as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        return 1
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped to head): not an error of ours
+        try:
+            sys.stdout = None  # type: ignore[assignment]
+        finally:
+            return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 128 + signal.SIGINT
+    except MemoryError:
+        sys.stderr.write(f"{prog}: out of memory\n")
+        return 1
+    except OSError as exc:
+        name = f" {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"{prog}:{name} {exc.strerror or errno.errorcode.get(exc.errno or 0, exc)}\n")
+        return 1

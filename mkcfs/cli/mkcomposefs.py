@@ -1,0 +1,135 @@
+"""``mkcomposefs``: build a composefs image from a directory or a dumpfile (drop-in for 1.0.8).
+
+Usage::
+
+    mkcomposefs [OPTIONS] SOURCE IMAGE
+    mkcomposefs --print-digest-only [OPTIONS] SOURCE
+
+Exit status 0 on success and 1 on any error, with one line ``mkcomposefs: <message>`` on stderr.
+The image is written to a temporary file beside IMAGE and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn, Sequence
+
+from . import common
+
+PROG = "mkcomposefs"
+
+USAGE = """\
+usage: mkcomposefs [OPTIONS] SOURCE IMAGE
+       mkcomposefs --print-digest-only [OPTIONS] SOURCE
+
+Build a composefs image (EROFS metadata + overlay xattrs) from SOURCE, a directory, or with
+--from-file a composefs-dump(5) file ('-' reads standard input). IMAGE '-' writes to stdout.
+
+options:
+  --digest-store=PATH   copy files larger than 64 bytes into the object store PATH
+  --use-epoch           set every mtime to 0 (directory source)
+  --skip-devices        leave out character and block devices (directory source)
+  --skip-xattrs         read no xattrs from the source (directory source)
+  --user-xattrs         read only user.* xattrs from the source (directory source)
+  --hardlinks           keep hard links as hard links in the image (directory source;
+                        mkcomposefs 1.0.8 stores every link as a separate inode)
+  --print-digest        print the image's fs-verity digest after writing it
+  --print-digest-only   print the digest only, write no image (no IMAGE argument)
+  --from-file           SOURCE is a dumpfile
+  --min-version=N       lowest format version to write (0 or 1; default 0)
+  --max-version=N       highest format version to write (0 or 1; default 1)
+  --threads=N           worker threads for digests and copies (default: usable CPUs)
+  --help                show this help
+"""
+
+OPTIONS = {
+    # name: takes a value
+    "digest-store": True, "use-epoch": False, "skip-devices": False, "skip-xattrs": False,
+    "user-xattrs": False, "hardlinks": False, "print-digest": False, "print-digest-only": False,
+    "from-file": False, "min-version": True, "max-version": True, "threads": True, "help": False,
+}
+
+
+def _fail(message: str, usage: bool = False) -> NoReturn:
+    raise common.UsageError(message, usage)
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        _fail(f"Invalid {what} {text}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.run(PROG, USAGE, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    opts, args = common.parse_long_options(argv, OPTIONS)
+    if "help" in opts:
+        sys.stdout.write(USAGE)
+        return 0
+    from_file = "from-file" in opts
+    digest_only = "print-digest-only" in opts
+    print_digest = "print-digest" in opts or digest_only
+    min_given, max_given = "min-version" in opts, "max-version" in opts
+    min_version = _parse_int(opts["min-version"], "min version") if min_given else 0
+    max_version = _parse_int(opts["max-version"], "max version") if max_given else (
+        0 if min_given else 1)
+    threads = None
+    if "threads" in opts:
+        threads = _parse_int(opts["threads"], "threads count")
+        if threads <= 0:
+            _fail(f"Invalid threads count {opts['threads']}")
+    if "user-xattrs" in opts and "skip-xattrs" in opts:
+        _fail("--user-xattrs and --skip-xattrs cannot be used together")
+
+    if not args:
+        _fail("No source path specified", usage=True)
+    source = args[0]
+    if not source:
+        _fail("Empty source path specified", usage=True)
+    if len(args) > 2:
+        _fail("Too many arguments", usage=True)
+    image_path = args[1] if len(args) == 2 else None
+    if digest_only and image_path is not None:
+        _fail("Cannot specify destination path with --print-digest-only", usage=True)
+    if not digest_only and image_path is None:
+        _fail("No destination path specified", usage=True)
+    if image_path == "-" and os.isatty(sys.stdout.fileno()):
+        _fail("stdout is a tty.  Refusing to use it")
+    if image_path not in (None, "-"):
+        common.check_output_dir(image_path)
+
+    if from_file:
+        from ..dumpfile import parse_dumpfile
+        data = common.read_input(source)
+        root = parse_dumpfile(data, strict="CFS_PARSE_STRICT" in os.environ,
+                              source="<stdin>" if source == "-" else source)
+    else:
+        from ..walk import WalkOptions, walk_directory
+        root = walk_directory(source, WalkOptions(
+            use_epoch="use-epoch" in opts, skip_devices="skip-devices" in opts,
+            skip_xattrs="skip-xattrs" in opts, user_xattrs="user-xattrs" in opts,
+            hardlinks="hardlinks" in opts, threads=threads,
+            digest_store=opts.get("digest-store")))
+
+    from ..image import build_image, write_atomically
+    image = build_image(root, min_version=min_version, max_version=max_version)
+
+    if image_path == "-":
+        common.write_stdout(image.data)
+    elif image_path is not None:
+        try:
+            write_atomically(image_path, image.data)
+        except OSError as exc:
+            _fail(f"cannot write {image_path}: {exc.strerror or exc}")
+    if print_digest:
+        common.write_stdout((image.fsverity_digest().hex() + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
