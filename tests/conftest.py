@@ -1,0 +1,78 @@
+"""Shared fixtures: where ../shared is, and the conformance corpus loader."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CONFORMANCE = SHARED / "conformance"
+TESTDATA = REPO / "testdata"
+
+
+@dataclass(frozen=True)
+class ConformanceCase:
+    """One line of a conformance cases.tsv."""
+
+    name: str
+    input: Path
+    args: tuple[str, ...]
+    image_sha256: str          # or "FAIL"
+    digest: str                # or "FAIL"
+    strict: bool
+
+    @property
+    def must_fail(self) -> bool:
+        return self.image_sha256 == "FAIL"
+
+    def read_input(self) -> bytes:
+        data = self.input.read_bytes()
+        return gzip.decompress(data) if self.input.name.endswith(".gz") else data
+
+
+def load_conformance_cases() -> list[ConformanceCase]:
+    """Every case of ../shared/conformance (empty when the folder is absent)."""
+    cases: list[ConformanceCase] = []
+    for tsv in (CONFORMANCE / "cases.tsv", CONFORMANCE / "upstream" / "cases.tsv"):
+        if not tsv.exists():
+            continue
+        for line in tsv.read_text().splitlines():
+            if not line.strip():
+                continue
+            name, inp, args, sha, digest, strict = line.split("\t")
+            cases.append(ConformanceCase(name, tsv.parent / inp, tuple(args.split()), sha, digest,
+                                         strict.strip() == "strict=1"))
+    return cases
+
+
+def read_maybe_gz(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.name.endswith(".gz") else data
+
+
+@pytest.fixture
+def no_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CFS_PARSE_STRICT", raising=False)
+
+
+FSCK = shutil.which("fsck.erofs")
+
+
+def fsck_erofs(path: Path) -> None:
+    """Run ``fsck.erofs`` (walks every directory and inode) and assert it is clean.
+
+    ``--extract`` is not used: erofs-utils 1.5 cannot decode the (reference-identical) layout of
+    external files above ~8.9e15 bytes, which mkcomposefs 1.0.8 writes too (format spec §5.6).
+
+    Does nothing where erofs-utils is not installed; ``test_fsck_is_installed_in_ci`` makes sure
+    CI always has it."""
+    if FSCK is None:
+        return
+    proc = subprocess.run([FSCK, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"fsck.erofs rejected {path}: {proc.stdout}{proc.stderr}"

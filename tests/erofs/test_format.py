@@ -1,0 +1,122 @@
+"""The construct declarations and the struct packers derived from them must agree byte for byte."""
+
+from __future__ import annotations
+
+import construct as cs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from erofs import format as fmt
+
+DECLS = {name: decl for name, (decl, _) in fmt.STRUCT_SIZES.items()}
+PACKERS = {
+    "composefs_header": fmt.COMPOSEFS_HEADER,
+    "erofs_super_block": fmt.SUPER_BLOCK,
+    "erofs_inode_compact": fmt.INODE_COMPACT,
+    "erofs_inode_extended": fmt.INODE_EXTENDED,
+    "erofs_xattr_ibody_header": fmt.XATTR_IBODY_HEADER,
+    "erofs_xattr_entry": fmt.XATTR_ENTRY,
+    "erofs_dirent": fmt.DIRENT,
+    "fsverity_descriptor": fmt.FSVERITY_DESCRIPTOR,
+}
+
+
+def _leaf(field):
+    while isinstance(field, cs.Renamed):
+        field = field.subcon
+    return field
+
+
+def _field_strategy(field):
+    leaf = _leaf(field)
+    if isinstance(leaf, cs.FormatField):
+        return st.integers(0, (1 << (8 * leaf.length)) - 1)
+    return st.binary(min_size=leaf.length, max_size=leaf.length)
+
+
+def test_sizes_match_kernel():
+    fmt.check_layout()
+    for name, (decl, size) in fmt.STRUCT_SIZES.items():
+        assert decl.sizeof() == size
+        assert PACKERS[name].size == size
+
+
+def test_every_declared_struct_has_a_packer():
+    assert set(PACKERS) == set(DECLS)
+
+
+def test_every_field_is_documented():
+    for name, decl in DECLS.items():
+        for field in decl.subcons:
+            assert field.name and field.docs, f"{name}.{field.name} has no doc"
+
+
+@pytest.mark.parametrize("name", sorted(DECLS))
+@given(data=st.data())
+def test_packer_equals_construct(name, data):
+    decl = DECLS[name]
+    values = {f.name: data.draw(_field_strategy(f)) for f in decl.subcons}
+    expected = decl.build(values)
+    got = PACKERS[name].pack(*[values[f.name] for f in decl.subcons])
+    assert got == expected
+    parsed = decl.parse(got)
+    assert [parsed[f.name] for f in decl.subcons] == list(PACKERS[name].unpack(got))
+
+
+def test_reserved_fields_pack_as_zeros():
+    # packing b"" into an Ns field writes N zeros: that is how the writer fills reserved fields
+    raw = fmt.INODE_EXTENDED.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"")
+    assert raw == bytes(64)
+
+
+@pytest.mark.parametrize("suffix,index,expected", [
+    (b"overlay.opaque", 4, 0x4CE0A7F4),
+    (b"overlay.metacopy", 4, 0xDBE5E05F),
+    (b"overlay.redirect", 4, 0x887EC271),
+    (b"selinux", 6, 0x9490146B),
+    (b"", 2, 0x0857597E),
+    (b"", 3, 0x59EEABB5),
+    (b"tag", 1, 0xA29F7FF1),
+    (b"overlay.overlay.whiteout", 4, 0x54A3E364),
+    (b"overlay.whiteout", 1, 0xED142E09),
+    (b"overlay.overlay.whiteouts", 4, 0x46DD3E0C),
+    (b"overlay.whiteouts", 1, 0xD11B80B4),
+    (b"overlay.overlay.opaque", 4, 0x207B5265),
+    (b"overlay.opaque", 1, 0xF8DC99EA),
+])
+def test_xxh32_filter_vectors(suffix, index, expected):
+    assert fmt.xxh32(suffix, fmt.EROFS_XATTR_FILTER_SEED + index) == expected
+
+
+@pytest.mark.parametrize("data,seed,expected", [
+    # published xxHash32 test vectors
+    (b"", 0, 0x02CC5D05),
+    (b"a", 0, 0x550D7456),
+    (b"abc", 0, 0x32D153FF),
+    (b"Nobody inspects the spammish repetition", 0, 0xE2293B2F),
+])
+def test_xxh32_known_vectors(data, seed, expected):
+    assert fmt.xxh32(data, seed) == expected
+
+
+@pytest.mark.parametrize("key,index,suffix", [
+    (b"user.foo", 1, b"foo"),
+    (b"system.posix_acl_access", 2, b""),
+    (b"system.posix_acl_default", 3, b""),
+    (b"system.posix_acl_accessX", 2, b"X"),
+    (b"trusted.overlay.opaque", 4, b"overlay.opaque"),
+    (b"security.selinux", 6, b"selinux"),
+    (b"lustre.x", 0, b"lustre.x"),
+    (b"system.nfs4_acl", 0, b"system.nfs4_acl"),
+])
+def test_xattr_prefix_split(key, index, suffix):
+    assert fmt.xattr_prefix_split(key) == (index, suffix)
+
+
+@pytest.mark.parametrize("size,bits,count", [
+    (1, 12, 1), (4096, 12, 1), (4097, 13, 1), (8192, 13, 1), (1 << 32, 32, 1),
+    ((1 << 43), 43, 1), ((1 << 43) + 1, 43, 2), (1 << 53, 43, 1024), ((1 << 53) + 1, 43, 1025),
+])
+def test_chunk_params(size, bits, count):
+    assert fmt.chunk_params(size) == (bits, count)
