@@ -9,7 +9,7 @@ splits, inline tails versus data blocks, the tail padding rule, nids, and the da
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .format import (
     EROFS_BLKSIZ,
@@ -25,7 +25,6 @@ from .format import (
     LCFS_MAX_SHARED_XATTRS,
     SUPER_BLOCK,
     XATTR_ENTRY,
-    chunk_params,
     round_up,
     xattr_filter_bit,
     xattr_prefix_split,
@@ -76,37 +75,64 @@ class InodeRecord:
         self.external = external
 
 
+_pack_entry_header = XATTR_ENTRY.pack
+#: zero bytes that pad an entry of (suffix + value) length n to 4 bytes: _PADDING[n & 3]
+_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
 class XattrEntryInfo:
-    """What the writer needs of one distinct (key, value) pair."""
+    """What the writer needs of one distinct (key, value) pair: its encoded entry (header, name
+    suffix, value, zero padding to 4 bytes), its name-filter bit and, if it is shared, its offset
+    in the shared table."""
 
-    __slots__ = ("index", "suffix", "value", "entry_size", "filter_bit", "shared_offset")
+    __slots__ = ("index", "suffix", "value", "raw", "filter_bit", "shared_offset", "ref")
 
-    def __init__(self, key: bytes, value: bytes) -> None:
-        self.index, self.suffix = xattr_prefix_split(key)
+    def __init__(self, index: int, suffix: bytes, value: bytes, filter_bit: int) -> None:
+        self.index = index
+        self.suffix = suffix
         self.value = value
-        self.entry_size = round_up(XATTR_ENTRY.size + len(self.suffix) + len(value), 4)
-        self.filter_bit = 0
+        self.raw = (_pack_entry_header(len(suffix), index, len(value)) + suffix + value
+                    + _PADDING[(len(suffix) + len(value)) & 3])
+        self.filter_bit = filter_bit
         self.shared_offset = -1
+        self.ref = b""   # encoded shared xattr id, set by the writer for shared entries
+
+    @property
+    def entry_size(self) -> int:
+        return len(self.raw)
 
 
-@dataclass(slots=True)
 class InodePlan:
-    """Placement of one record: where it goes and what it holds."""
+    """Placement of one record: where it goes and what it holds.
 
-    nid: int
-    compact: bool
-    datalayout: int
-    i_size: int
-    i_u: int
-    pad: int                                  # zero bytes written before the inode
-    xattr_size: int                           # ibody size X (0: none)
-    shared: list[XattrEntryInfo]              # shared references, in order
-    inline: list[XattrEntryInfo]              # inline entries, in order
-    name_filter: int
-    tail: int                                 # inline tail bytes T
-    n_blocks: int
-    first_block: int = 0
-    dir_chunks: list[tuple[int, int]] = field(default_factory=list)  # dirent index ranges
+    ``pad`` zero bytes precede the inode; ``xattr_size`` is the ibody size (0: none) made of
+    ``shared`` references then ``inline`` entries; ``tail`` bytes are stored inline after it;
+    ``n_blocks`` data blocks start at ``first_block``; ``dir_chunks`` are the dirent index
+    ranges of a directory's blocks (the last one is the inline tail when ``tail`` > 0)."""
+
+    __slots__ = ("nid", "compact", "datalayout", "i_size", "i_u", "pad", "xattr_size", "shared",
+                 "inline", "name_filter", "tail", "n_blocks", "first_block", "dir_chunks",
+                 "chunkbits")
+
+    def __init__(self, nid: int, compact: bool, datalayout: int, i_size: int, pad: int,
+                 xattr_size: int, shared: list[XattrEntryInfo], inline: list[XattrEntryInfo],
+                 name_filter: int, tail: int, n_blocks: int, dir_chunks: list[tuple[int, int]],
+                 chunkbits: int) -> None:
+        self.nid = nid
+        self.compact = compact
+        self.datalayout = datalayout
+        self.i_size = i_size
+        self.i_u = 0
+        self.pad = pad
+        self.xattr_size = xattr_size
+        self.shared = shared
+        self.inline = inline
+        self.name_filter = name_filter
+        self.tail = tail
+        self.n_blocks = n_blocks
+        self.first_block = 0
+        self.dir_chunks = dir_chunks
+        self.chunkbits = chunkbits
 
 
 @dataclass(slots=True)
@@ -127,6 +153,9 @@ class ImagePlan:
     @property
     def image_size(self) -> int:
         return self.data_start + self.n_data_blocks * EROFS_BLKSIZ
+
+
+_NO_CHUNKS: list[tuple[int, int]] = []
 
 
 class LayoutError(ValueError):
@@ -174,17 +203,16 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
         for pair in rec.xattrs:
             n = counts.get(pair)
             counts[pair] = 1 if n is None else n + 1
-    filter_bits: dict[tuple[int, bytes], int] = {}
+    key_info: dict[bytes, tuple[int, bytes, int]] = {}
     for pair in counts:
-        info = XattrEntryInfo(*pair)
-        fkey = (info.index, info.suffix)
-        bit = filter_bits.get(fkey)
-        if bit is None:
-            bit = filter_bits[fkey] = xattr_filter_bit(info.index, info.suffix)
-        info.filter_bit = 1 << bit
-        infos[pair] = info
-        if pair[0] in _ACL_KEYS:
-            has_acl = True
+        key = pair[0]
+        split = key_info.get(key)
+        if split is None:
+            index, suffix = xattr_prefix_split(key)
+            split = key_info[key] = (index, suffix, 1 << xattr_filter_bit(index, suffix))
+            if key in _ACL_KEYS:
+                has_acl = True
+        infos[pair] = XattrEntryInfo(split[0], split[1], pair[1], split[2])
     shared_pairs = sorted((p for p, n in counts.items() if n > 1),
                           key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
     shared_table = []
@@ -192,7 +220,7 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
     for pair in shared_pairs:
         info = infos[pair]
         info.shared_offset = offset
-        offset += info.entry_size
+        offset += len(info.raw)
         shared_table.append(info)
     shared_size = offset
 
@@ -204,7 +232,8 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
     n_data_blocks = 0
     for rec in records:
         ftype = rec.mode & S_IFMT
-        dir_chunks: list[tuple[int, int]] = []
+        dir_chunks: list[tuple[int, int]] = _NO_CHUNKS
+        chunkbits = 0
         # (n_blocks, tail)
         if ftype == S_IFDIR:
             assert rec.dirents is not None
@@ -217,7 +246,13 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
             size = rec.size
         elif ftype == S_IFREG and rec.size > 0:
             if rec.external:
-                chunkbits, chunk_count = chunk_params(rec.size)
+                chunkbits = (rec.size - 1).bit_length()
+                if chunkbits <= 12:
+                    chunkbits, chunk_count = 12, 1
+                else:
+                    if chunkbits > 43:
+                        chunkbits = 43
+                    chunk_count = ((rec.size - 1) >> chunkbits) + 1
                 if chunk_count > LCFS_MAX_NONINLINE_CHUNKS:
                     raise LayoutError("File too large")
                 n_blocks, tail = 0, 4 * chunk_count
@@ -250,7 +285,7 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
                     shared.append(info)
                 else:
                     inline.append(info)
-                    inline_size += info.entry_size
+                    inline_size += len(info.raw)
             xsize = 12 + 4 * len(shared) + inline_size
             name_filter = _U32 & ~name_filter
 
@@ -287,11 +322,9 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
         else:
             i_size = 0
 
-        plans.append(InodePlan(
-            nid=start // EROFS_SLOTSIZE, compact=compact, datalayout=datalayout,
-            i_size=i_size, i_u=0, pad=start - pos, xattr_size=xsize, shared=shared,
-            inline=inline, name_filter=name_filter, tail=tail, n_blocks=n_blocks,
-            dir_chunks=dir_chunks))
+        plans.append(InodePlan(start >> 5, compact, datalayout, i_size, start - pos, xsize,
+                               shared, inline, name_filter, tail, n_blocks, dir_chunks,
+                               chunkbits))
         n_data_blocks += n_blocks
         pos = start + isz + xsize + tail
 
@@ -310,8 +343,7 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
                 plan.i_u = block & _U32
                 block += plan.n_blocks
             if plan.datalayout == EROFS_INODE_CHUNK_BASED:
-                chunkbits, _ = chunk_params(rec.size)
-                plan.i_u = (plan.i_u & 0xFFFF0000) | (chunkbits - 12)
+                plan.i_u = (plan.i_u & 0xFFFF0000) | (plan.chunkbits - 12)
 
     return ImagePlan(records=records, inodes=plans, shared_table=shared_table,
                      shared_size=shared_size, inodes_end=inodes_end, data_start=data_start,

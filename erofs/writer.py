@@ -32,10 +32,9 @@ from .format import (
     LCFS_EROFS_MAGIC,
     LCFS_EROFS_VERSION,
     SUPER_BLOCK,
-    XATTR_ENTRY,
     XATTR_IBODY_HEADER,
 )
-from .layout import INODES_START, ImagePlan, InodeRecord, XattrEntryInfo, plan_image
+from .layout import INODES_START, ImagePlan, InodeRecord, plan_image
 
 _FILE_TYPES = {
     0o100000: EROFS_FT_REG_FILE,
@@ -53,18 +52,6 @@ S_IFLNK = 0o120000
 _U64 = (1 << 64) - 1
 _U32 = 0xFFFFFFFF
 _U16 = 0xFFFF
-
-
-def _pack_xattr_entry(out: bytearray, offset: int, info: XattrEntryInfo) -> int:
-    """Write one xattr entry at ``offset``; return the offset after it (4-byte aligned)."""
-    XATTR_ENTRY.pack_into(out, offset, len(info.suffix), info.index, len(info.value))
-    p = offset + 4
-    n = len(info.suffix)
-    out[p:p + n] = info.suffix
-    p += n
-    n = len(info.value)
-    out[p:p + n] = info.value
-    return offset + info.entry_size
 
 
 def _pack_dirents(out: bytearray, offset: int, dirents: list[tuple[bytes, int]], start: int,
@@ -105,6 +92,9 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
     nids = [ip.nid for ip in inodes]
     ftypes = [_FILE_TYPES.get(r.mode & S_IFMT, EROFS_FT_UNKNOWN) for r in records]
     shared_base = plan.inodes_end % EROFS_BLKSIZ
+    for info in plan.shared_table:
+        # the id the kernel resolves as xattr_blkaddr * 4096 + id * 4
+        info.ref = ((shared_base + info.shared_offset) >> 2).to_bytes(4, "little")
     pack_compact = INODE_COMPACT.pack_into
     pack_extended = INODE_EXTENDED.pack_into
     pack_ihdr = XATTR_IBODY_HEADER.pack_into
@@ -129,11 +119,15 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
         if ip.xattr_size:
             pack_ihdr(out, p, ip.name_filter, len(ip.shared), b"")
             p += 12
-            for info in ip.shared:
-                out[p:p + 4] = ((shared_base + info.shared_offset) // 4).to_bytes(4, "little")
-                p += 4
+            shared = ip.shared
+            if shared:
+                refs = shared[0].ref if len(shared) == 1 else b"".join(i.ref for i in shared)
+                out[p:p + len(refs)] = refs
+                p += len(refs)
             for info in ip.inline:
-                p = _pack_xattr_entry(out, p, info)
+                raw = info.raw
+                out[p:p + len(raw)] = raw
+                p += len(raw)
         if ip.tail:
             ftype = rec.mode & S_IFMT
             if ftype == S_IFDIR:
@@ -153,7 +147,9 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
         raise InternalError(f"inode table ends at {pos}, planned {plan.inodes_end}")
     p = plan.inodes_end
     for info in plan.shared_table:
-        p = _pack_xattr_entry(out, p, info)
+        raw = info.raw
+        out[p:p + len(raw)] = raw
+        p += len(raw)
     if p != plan.inodes_end + plan.shared_size:
         raise InternalError("shared xattr table size mismatch")
 

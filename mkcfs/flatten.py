@@ -37,6 +37,11 @@ _U32 = 0xFFFFFFFF
 MIN_FORMAT_VERSION = 0
 MAX_FORMAT_VERSION = 1
 _ROOT_WHITEOUT_NAMES = [b"%02x" % i for i in range(256)]
+#: files up to this size always fit one chunk (chunkbits is at most 43)
+_MAX_SINGLE_CHUNK_SIZE = 1 << 43
+#: a root security.selinux longer than this makes libcomposefs refuse the root whiteouts' copy:
+#: 12 + 7 + len("security.selinux") + len(value) must stay within 32767
+_SELINUX_MAX = overlay.XATTR_BUDGET_MAX - 12 - 7 - len(overlay.SELINUX)
 
 
 class WriteError(BuildInputError):
@@ -90,6 +95,23 @@ def _set(budget: XattrBudget, key: bytes, value: bytes, root: Node, node: Node) 
                                     f"{_path_of(root, node)}") from None
 
 
+def _apply(xattrs: dict[bytes, bytes], additions: list[tuple[bytes, bytes]], root: Node,
+           node: Node) -> dict[bytes, bytes]:
+    """``xattrs`` (never modified) plus the writer's ``additions``, in order.
+
+    A fresh key cannot fail: the additions are small and libcomposefs measures them from 0. Only
+    when an addition replaces a key the node already has does the exact accounting matter (the
+    counter can wrap and refuse the write, §6.7), so only then is it replayed."""
+    if any(key in xattrs for key, _ in additions):
+        budget = XattrBudget(dict(xattrs))
+        for key, value in additions:
+            _set(budget, key, value, root, node)
+        return budget.xattrs
+    result = dict(xattrs)
+    result.update(additions)
+    return result
+
+
 def flatten(root: Node, version: int) -> list[InodeRecord]:
     """Inode records in BFS order (record 0 is the root) for writing ``root`` at ``version``."""
     if not root.is_dir():
@@ -97,135 +119,133 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
     queue: list[Node] = [root]
     parents: list[int] = [0]
     records: list[InodeRecord] = []
-    pending_dirents: list[tuple[int, list[tuple[bytes, object]]]] = []
     index_of: dict[int, int] = {id(root): 0}
-    budgets: dict[int, XattrBudget] = {}   # record index -> budget, for nodes changed later
+    # record index -> (node, additions) for nodes whose xattrs the writer changes
+    additions: dict[int, tuple[Node, list[tuple[bytes, bytes]]]] = {}
+    # hard links to resolve once every node has its index: (dirents, position, link)
+    links: list[tuple[list[tuple[bytes, int]], int, HardLink]] = []
 
-    root_whiteouts: list[tuple[bytes, Node]] = []
-    root_children = root.children or {}
     selinux = root.xattrs.get(overlay.SELINUX)
-    for name in _ROOT_WHITEOUT_NAMES:
-        if name not in root_children:
-            wo = Node(S_IFCHR | 0o644, 1, root.uid, root.gid, 0, 0, root.mtime_sec,
-                      root.mtime_nsec)
-            if selinux is not None:
-                wo.xattrs = {overlay.SELINUX: selinux}
-            root_whiteouts.append((name, wo))
+    whiteout_xattrs = {overlay.SELINUX: selinux} if selinux is not None else {}
+    root_whiteouts = [
+        (name, Node(S_IFCHR | 0o644, 1, root.uid, root.gid, 0, 0, root.mtime_sec,
+                    root.mtime_nsec, xattrs=whiteout_xattrs))
+        for name in _ROOT_WHITEOUT_NAMES if name not in (root.children or {})]
+    first_synthetic = id(root_whiteouts[0][1]) if root_whiteouts else None
     synthetic = {id(node) for _, node in root_whiteouts}
+    overlay_prefix = overlay.OVERLAY_PREFIX
+    escape = overlay.escape_overlay_xattrs
+    metacopy_value = overlay.metacopy_value
+    METACOPY, REDIRECT = overlay.METACOPY, overlay.REDIRECT
+    external_adds: list[tuple[bytes, bytes]] = []
+    whiteout_parent_adds = [(overlay.ESCAPED_WHITEOUTS, b""), (overlay.USER_WHITEOUTS, b"")]
+    if version >= 1:
+        whiteout_parent_adds += [(overlay.ESCAPED_OPAQUE, b"x"), (overlay.USER_OPAQUE, b"x")]
+    whiteout_adds = [(overlay.ESCAPED_WHITEOUT, b""), (overlay.USER_WHITEOUT, b"")]
+    append_record = records.append
 
-    i = 0
-    while i < len(queue):
-        node = queue[i]
-        parent_index = parents[i]
+    for node in queue:  # the queue grows while it is walked: breadth first
+        index = len(records)
         mode = node.mode
         ftype = mode & S_IFMT
         if ftype not in VALID_TYPES:
             raise WriteError(errno.EINVAL, f"invalid mode {mode:o} at {_path_of(root, node)}")
         size = node.size
+        nlink = node.nlink
         data: bytes | None = None
         external = False
-        budget: XattrBudget | None = None
-
-        if id(node) in synthetic:
-            xattrs_dict = node.xattrs
-            if selinux is not None:
-                budget = XattrBudget({})
-                _set(budget, overlay.SELINUX, selinux, root, root)
-        else:
-            src = node.xattrs
-            if any(k.startswith(overlay.OVERLAY_PREFIX) for k in src):
-                xattrs_dict = overlay.escape_overlay_xattrs(src)
-            else:
-                xattrs_dict = src
-            if ftype == S_IFREG:
-                content = node.content
-                if content:
-                    data = content
-                    size = len(content)
-                elif size > 0:
-                    external = True
-                    if chunk_params(size)[1] > LCFS_MAX_NONINLINE_CHUNKS:
-                        raise WriteError(errno.EFBIG, _path_of(root, node))
-                    budget = XattrBudget(dict(xattrs_dict))
-                    _set(budget, overlay.METACOPY, overlay.metacopy_value(node.digest), root, node)
-                    if node.payload:
-                        _set(budget, overlay.REDIRECT, overlay.redirect_value(node.payload), root, node)
-            elif ftype == S_IFLNK:
-                data = node.payload
-                if not data:
-                    raise WriteError(errno.EINVAL, f"symlink without target at {_path_of(root, node)}")
-                size = len(data)
-            elif ftype == S_IFCHR and (node.rdev & _U32) == 0:
-                mode = S_IFREG | (mode & ~S_IFMT)
-                ftype = S_IFREG
-                size = 0
-                budget = XattrBudget(dict(xattrs_dict))
-                _set(budget, overlay.ESCAPED_WHITEOUT, b"", root, node)
-                _set(budget, overlay.USER_WHITEOUT, b"", root, node)
-        if budget is not None:
-            xattrs_dict = budget.xattrs
-
-        index = len(records)
+        xattrs = node.xattrs
+        if xattrs and id(node) not in synthetic:
+            for key in xattrs:
+                if key.startswith(overlay_prefix):
+                    xattrs = escape(xattrs)
+                    break
         dirents = None
-        nlink = node.nlink
+
         if ftype == S_IFDIR:
-            if budget is None:
-                budget = XattrBudget(dict(xattrs_dict))
-                xattrs_dict = budget.xattrs
-            entries: list[tuple[bytes, object]] = list((node.children or {}).items())
-            if node is root:
-                entries.extend(root_whiteouts)
+            entries: list[tuple[bytes, Node | HardLink]] = list(node.children.items())  # type: ignore[union-attr]
+            if index == 0:
+                entries += root_whiteouts
             entries.append((b".", node))
-            entries.append((b"..", queue[parent_index]))
-            entries.sort(key=lambda e: e[0])
+            entries.append((b"..", node))  # placeholder: resolved to the parent below
+            entries.sort()   # names are unique, so only names are compared
             nlink = 2
-            whiteout_children = 0
+            n_whiteouts = 0
+            dirents = []
             for name, child in entries:
-                if isinstance(child, Node) and name != b"." and name != b"..":
-                    if id(child) in index_of and child is not node:
+                if child.__class__ is Node:
+                    if child is node:  # "." or ".."
+                        dirents.append((name, index if name == b"." else parents[index]))
+                        continue
+                    cid = id(child)
+                    if cid in index_of:
                         raise WriteError(errno.EINVAL, f"node reachable twice at {_path_of(root, child)}")
-                    index_of[id(child)] = len(queue)
+                    child_index = len(queue)
+                    index_of[cid] = child_index
                     queue.append(child)
                     parents.append(index)
+                    dirents.append((name, child_index))
                     cmode = child.mode & S_IFMT
                     if cmode == S_IFDIR:
                         nlink += 1
-                    elif cmode == S_IFCHR and (child.rdev & _U32) == 0 and id(child) not in synthetic:
-                        whiteout_children += 1
-            for _ in range(whiteout_children):
-                _set(budget, overlay.ESCAPED_WHITEOUTS, b"", root, node)
-                _set(budget, overlay.USER_WHITEOUTS, b"", root, node)
-                if version >= 1:
-                    _set(budget, overlay.ESCAPED_OPAQUE, b"x", root, node)
-                    _set(budget, overlay.USER_OPAQUE, b"x", root, node)
-            budgets[index] = budget
-            pending_dirents.append((index, entries))
-            dirents = []
+                    elif cmode == S_IFCHR and not child.rdev & _U32 and cid not in synthetic:
+                        n_whiteouts += 1
+                else:
+                    links.append((dirents, len(dirents), child))  # type: ignore[arg-type]
+                    dirents.append((name, -1))
+            if n_whiteouts or index == 0:  # the root gets its opaque flag at the end
+                additions[index] = (node, whiteout_parent_adds * n_whiteouts)
+        elif ftype == S_IFREG:
+            content = node.content
+            if content:
+                data = content
+                size = len(content)
+            elif size > 0:
+                external = True
+                if size > _MAX_SINGLE_CHUNK_SIZE and chunk_params(size)[1] > LCFS_MAX_NONINLINE_CHUNKS:
+                    raise WriteError(errno.EFBIG, _path_of(root, node))
+                # trusted.overlay.* keys of the source were escaped, so these are always new
+                # keys (no accounting can fail): add them directly
+                external_adds = [(METACOPY, metacopy_value(node.digest))]
+                if node.payload:
+                    external_adds.append((REDIRECT, b"/" + node.payload))
+        elif ftype == S_IFLNK:
+            data = node.payload
+            if not data:
+                raise WriteError(errno.EINVAL, f"symlink without target at {_path_of(root, node)}")
+            size = len(data)
+        elif ftype == S_IFCHR and not node.rdev & _U32 and id(node) not in synthetic:
+            mode = S_IFREG | (mode & ~S_IFMT)
+            size = 0
+            additions[index] = (node, whiteout_adds)
 
-        records.append(InodeRecord(
-            mode, nlink, node.uid, node.gid, node.rdev, size, node.mtime_sec, node.mtime_nsec,
-            [] if not xattrs_dict else sorted(xattrs_dict.items()), dirents, data, external))
-        i += 1
+        if index in additions:
+            xlist = xattrs   # finished below, once every addition to it is known
+        elif external:
+            xlist = sorted([*xattrs.items(), *external_adds])
+        else:
+            xlist = sorted(xattrs.items()) if xattrs else []
+        append_record(InodeRecord(mode, nlink, node.uid, node.gid, node.rdev, size,
+                                  node.mtime_sec, node.mtime_nsec, xlist, dirents, data,
+                                  external))
 
-    # root opaque, set after the rewrite of the whole tree
-    root_budget = budgets[0]
-    _set(root_budget, overlay.OPAQUE, b"y", root, root)
-    records[0].xattrs = sorted(root_budget.xattrs.items())
+    # the writer's xattrs, in libcomposefs's order: each node's own, then its whiteout children's
+    # marks (both gathered above), and last the root's opaque flag
+    additions[0][1].append((overlay.OPAQUE, b"y"))
+    for index, (node, adds) in additions.items():
+        rec = records[index]
+        rec.xattrs = sorted(_apply(rec.xattrs, adds, root, node).items())  # type: ignore[arg-type]
+    if first_synthetic is not None and selinux is not None and len(selinux) > _SELINUX_MAX:
+        raise WriteError(errno.ERANGE, "security.selinux of the root is too long")
 
-    # dirents: names -> record indexes (hard links follow their chain to the node)
-    for index, entries in pending_dirents:
-        resolved: list[tuple[bytes, int]] = []
-        for name, child in entries:
-            if isinstance(child, HardLink):
-                try:
-                    target = resolve(child)
-                except HardLinkLoopError:
-                    raise WriteError(errno.ELOOP, "hard link cycle") from None
-            else:
-                target = child  # type: ignore[assignment]
-            target_index = index_of.get(id(target))
-            if target_index is None:
-                raise WriteError(errno.ENOENT, "hard link target is not in the tree")
-            resolved.append((name, target_index))
-        records[index].dirents = resolved
+    # hard links: follow their chain to the node, which now has its index
+    for dirents, position, link in links:
+        try:
+            target = resolve(link)
+        except HardLinkLoopError:
+            raise WriteError(errno.ELOOP, "hard link cycle") from None
+        target_index = index_of.get(id(target))
+        if target_index is None:
+            raise WriteError(errno.ENOENT, "hard link target is not in the tree")
+        dirents[position] = (dirents[position][0], target_index)
     return records

@@ -52,11 +52,15 @@ def build_image(root: Node, *, min_version: int = DEFAULT_MIN_VERSION,
     return BuiltImage(data, version)
 
 
-def write_atomically(path: str, data: bytes | bytearray, mode: int = 0o666) -> None:
+def write_atomically(path: str, data: bytes | bytearray, mode: int = 0o666,
+                     durable: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory + rename.
 
     The file gets ``mode & ~umask`` like a plain ``open(O_CREAT)``. On any failure the temporary
-    file is removed and ``path`` is left as it was."""
+    file is removed and ``path`` is left as it was. A killed process leaves at most a
+    ``.NAME.*.tmp`` file beside the target, never a partial image under its name. With
+    ``durable`` the data is fsync'ed before the rename (survives a power cut, costs ~10 ms/MB
+    here); mkcomposefs 1.0.8 never syncs, and neither does the CLI by default."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp")
@@ -68,7 +72,8 @@ def write_atomically(path: str, data: bytes | bytearray, mode: int = 0o666) -> N
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.rename(tmp, path)
