@@ -54,3 +54,15 @@ def test_every_golden_dump_is_pinned():
 @pytest.mark.skipif(not os.environ.get("CI"), reason="only CI promises erofs-utils")
 def test_fsck_is_installed_in_ci():
     assert shutil.which("fsck.erofs"), "CI must install erofs-utils (see .ci/run)"
+
+
+def test_readme_sample_builds_to_the_pinned_image(tmp_path):
+    """The README's quick-start command, in-process: testdata/sample.dump as mkcomposefs 1.0.8
+    builds it."""
+    from mkcfs.cli.mkcomposefs import main
+
+    out = tmp_path / "sample.img"
+    assert main(["--from-file", str(TESTDATA / "sample.dump"), str(out)]) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == \
+        "9bb0c127e2e2d0d07a566bec6900cd2f7c389a7e5a80f3a8126e82e38f88ab79"
+    fsck_erofs(out)

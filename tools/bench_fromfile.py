@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Benchmark ``mkcomposefs --from-file`` on large dumpfiles: wall time and peak memory.
+
+Inputs: ../shared/conformance/upstream/cs9-x86_64-minimal.dump.gz (22,010 lines, a real tree)
+when present, a generated dumpfile of --entries entries (default 64,000: realistic mix of
+directories, inline and external files, symlinks, xattrs), and any dumpfiles given with --input.
+Each input is run --runs times in a fresh process; the median wall time and the median peak RSS
+(from wait4) are reported. --reference PATH runs another mkcomposefs (e.g. the C 1.0.8 build)
+on the same inputs for comparison and checks that both produce identical images.
+
+    python3 tools/bench_fromfile.py --runs 7 [--reference /path/to/mkcomposefs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CS9 = REPO.parent / "shared" / "conformance" / "upstream" / "cs9-x86_64-minimal.dump.gz"
+
+
+def generate_dumpfile(entries: int, seed: int = 1) -> bytes:
+    """A deterministic tree shaped like an OS image: ~12% directories, 70% files (two thirds
+    external with digests), 15% symlinks, some hard links and xattrs."""
+    rnd = random.Random(seed)
+    lines = [b"/ 4096 40755 2 0 0 0 1700000000.0 - - - security.selinux=system_u:object_r:root_t:s0\\x00"]
+    dirs = [b""]
+    files: list[bytes] = []
+    labels = [b"system_u:object_r:%s_t:s0\\x00" % n for n in (b"usr", b"lib", b"bin", b"etc", b"man")]
+    for i in range(entries - 1):
+        parent = dirs[rnd.randrange(len(dirs))] if rnd.random() < 0.9 else dirs[-1]
+        name = b"%s-%d" % (rnd.choice((b"file", b"lib", b"share", b"x86_64", b"python3.11")), i)
+        path = parent + b"/" + name
+        mtime = b"%d.%d" % (1700000000 + rnd.randrange(100000), rnd.randrange(1000))
+        label = b"security.selinux=" + rnd.choice(labels)
+        r = rnd.random()
+        if r < 0.12:
+            lines.append(b"%s 4096 40755 2 0 0 0 %s - - - %s" % (path, mtime, label))
+            dirs.append(path)
+        elif r < 0.27:
+            target = b"../lib/libfoo.so.%d" % rnd.randrange(100)
+            lines.append(b"%s %d 120777 1 0 0 0 %s %s - - %s" % (path, len(target), mtime, target, label))
+        elif r < 0.29 and files:
+            lines.append(b"%s 0 @100644 1 0 0 0 %s %s - -" % (path, mtime, rnd.choice(files)))
+        elif r < 0.52:
+            size = rnd.randrange(0, 4000)
+            content = b"".join(b"\\x%02x" % rnd.randrange(256) for _ in range(min(size, 64)))
+            size = min(size, 64)
+            lines.append(b"%s %d 100644 1 0 0 0 %s - %s - %s" % (path, size, mtime, content or b"-", label))
+            files.append(path)
+        else:
+            size = rnd.randrange(65, 1 << 24)
+            digest = hashlib.sha256(path).hexdigest().encode()
+            lines.append(b"%s %d 100644 1 0 0 0 %s %s/%s - %s %s" % (
+                path, size, mtime, digest[:2], digest[2:], digest, label))
+            files.append(path)
+    return b"\n".join(lines) + b"\n"
+
+
+GNU_TIME = shutil.which("time") if Path("/usr/bin/time").exists() else None
+
+
+def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one run.
+
+    The peak comes from GNU time (/usr/bin/time, Debian package `time`): a child forked from this
+    (large) Python process would otherwise be charged this process's pages too."""
+    if GNU_TIME:
+        cmd = [GNU_TIME, "-f", "%M", *cmd]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[0]} failed: {err.strip()}")
+    peak = int(err.strip().splitlines()[-1]) if GNU_TIME else usage.ru_maxrss
+    return elapsed, peak
+
+
+def bench(label: str, cmd_prefix: list[str], dumpfile: Path, runs: int, out: Path) -> tuple[float, int]:
+    env = dict(os.environ)
+    env.pop("CFS_PARSE_STRICT", None)
+    cmd = [*cmd_prefix, "--from-file", str(dumpfile), str(out)]
+    run_once(cmd, env)  # warm the page cache and bytecode caches
+    results = [run_once(cmd, env) for _ in range(runs)]
+    wall = statistics.median(r[0] for r in results)
+    rss = int(statistics.median(r[1] for r in results))
+    print(f"  {label:10s} median {wall:6.3f} s  (min {min(r[0] for r in results):.3f})  "
+          f"peak {rss / 1024:6.1f} MiB")
+    return wall, rss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--entries", type=int, default=64000)
+    parser.add_argument("--reference", help="another mkcomposefs binary to compare with")
+    parser.add_argument("--input", action="append", default=[], help="extra dumpfile (.gz ok)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        inputs: list[tuple[str, Path]] = []
+        sources = ([CS9] if CS9.exists() else []) + [Path(p) for p in args.input]
+        for src in sources:
+            data = src.read_bytes()
+            if src.name.endswith(".gz"):
+                data = gzip.decompress(data)
+            path = tmpdir / src.name.removesuffix(".gz")
+            path.write_bytes(data)
+            inputs.append((src.name, path))
+        generated = tmpdir / f"generated-{args.entries}.dump"
+        generated.write_bytes(generate_dumpfile(args.entries))
+        inputs.append((generated.name, generated))
+
+        ours = [sys.executable, "-m", "mkcfs"]
+        for name, path in inputs:
+            lines = path.read_bytes().count(b"\n")
+            print(f"{name}: {lines} lines")
+            wall, rss = bench("mkcfs", ours, path, args.runs, tmpdir / "ours.img")
+            if args.reference:
+                rwall, rrss = bench("reference", [args.reference], path, args.runs, tmpdir / "ref.img")
+                same = (tmpdir / "ours.img").read_bytes() == (tmpdir / "ref.img").read_bytes()
+                print(f"  ratio: wall {wall / rwall:.2f}x, peak memory {rss / rrss:.2f}x, "
+                      f"images {'identical' if same else 'DIFFERENT'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
