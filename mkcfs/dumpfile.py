@@ -32,12 +32,12 @@ What the tree holds after parsing (only what can reach an image):
 from __future__ import annotations
 
 import binascii
-import gc
 import re
 from binascii import unhexlify
 from typing import BinaryIO
 
 from .errors import DumpfileError
+from .gcpause import gc_paused
 from .tree import (S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, VALID_TYPES, HardLink,
                    HardLinkLoopError, Node, iter_tree, resolve)
 
@@ -363,13 +363,8 @@ def parse_dumpfile(data: bytes, *, strict: bool = False, source: str = "") -> No
 
     ``strict`` is ``CFS_PARSE_STRICT`` (§11.6). ``source`` names the input in error messages.
     Raises :class:`~mkcfs.errors.DumpfileError` (with the 1-based line number) on bad input."""
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # the parse makes ~3 objects per line and no cycles; collections only cost time
-    try:
+    with gc_paused():
         return _parse(bytes(data), strict, source)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def _parse(data: bytes, strict: bool, source: str) -> Node:
@@ -648,21 +643,14 @@ def format_dumpfile(root: Node) -> bytes:
     from the image, 0 as the SIZE of devices, fifos and sockets). A hard link prints ``@`` + the
     target's mode, the absolute path of the node it reaches as PAYLOAD (``""`` for the root), and
     the target's other fields. Xattrs are printed in the node's dict order."""
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # see parse_dumpfile
-    try:
+    with gc_paused():
         return b"".join(_format_lines(root))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def write_dumpfile(root: Node, fileobj: BinaryIO) -> None:
     """Write :func:`format_dumpfile` of ``root`` to a binary file object."""
     write = fileobj.write
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         batch: list[bytes] = []
         for line in _format_lines(root):
             batch.append(line)
@@ -671,9 +659,6 @@ def write_dumpfile(root: Node, fileobj: BinaryIO) -> None:
                 batch.clear()
         if batch:
             write(b"".join(batch))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def _format_lines(root: Node):

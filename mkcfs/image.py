@@ -8,6 +8,7 @@ holds the old file, or the complete new one, never a partial image.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from erofs.writer import build_image as _emit
 from fsverity import digest_bytes
 
 from .errors import BuildInputError
+from .gcpause import gc_paused
 from .flatten import WriteError, choose_version, flatten
 from .tree import Node
 
@@ -41,11 +43,10 @@ def build_image(root: Node, *, min_version: int = DEFAULT_MIN_VERSION,
                 max_version: int = DEFAULT_MAX_VERSION) -> BuiltImage:
     """Write ``root`` as a composefs image, choosing the version as mkcomposefs does."""
     version = choose_version(root, min_version, max_version)
-    records = flatten(root, version)
     try:
-        data = _emit(records, version)
+        with gc_paused():
+            data = _emit(flatten(root, version), version)
     except LayoutError as exc:
-        import errno
         raise WriteError(errno.EFBIG, str(exc)) from None
     except InternalError as exc:  # pragma: no cover - a bug, reported as such
         raise BuildInputError(f"internal error (please report): {exc}") from None

@@ -5,13 +5,13 @@ and the single place where errors become one line on stderr and an exit status.
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import signal
 import sys
 from typing import Callable, Sequence
 
 from ..errors import CfsError
+from ..gcpause import gc_paused
 
 
 class UsageError(CfsError):
@@ -102,9 +102,13 @@ def run(prog: str, usage: str, body: Callable[[list[str]], int],
     """Run a CLI body; turn the project's errors (and I/O errors) into one line + exit 1."""
     if argv is None:
         argv = sys.argv[1:]
-    # These tools build large acyclic object graphs and exit: the cyclic garbage collector would
-    # only rescan them again and again (it tripled build times on 64k-entry trees).
-    gc.disable()
+    # These tools build large acyclic object graphs: the cyclic garbage collector would only
+    # rescan them again and again (it tripled build times on 64k-entry trees).
+    with gc_paused():
+        return _run(prog, usage, body, argv)
+
+
+def _run(prog: str, usage: str, body: Callable[[list[str]], int], argv: Sequence[str]) -> int:
     try:
         return body(list(argv))
     except UsageError as exc:
