@@ -504,7 +504,7 @@ def test_verity_reaches_overlayfs(small: Built, tmp_path: Path, monkeypatch: pyt
     """Where the kernel has fs-verity, verity/tryverity/digest= give overlayfs verity=require
     (forced here; objects without fs-verity then fail to read, files in the image still read)."""
     really = cfsmount.kernel_has_fsverity()
-    monkeypatch.setattr(cfsmount, "kernel_has_fsverity", lambda: True)
+    monkeypatch.setattr(cfsmount.mounter, "kernel_has_fsverity", lambda: True)
     if option == "digest":
         option = f"digest={small.digest.hex()}"
     options = cfsmount.parse_options(f"basedir={small.objects},{option}")
