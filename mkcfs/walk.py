@@ -1,0 +1,296 @@
+"""Directory source: read a directory tree into a ``Node`` tree, as ``mkcomposefs DIR`` does.
+
+``walk_directory(path, options)`` gives the tree from which ``build_image`` writes the same bytes
+as mkcomposefs 1.0.8 given the same directory and options (composefs-format.md §12.3):
+
+* Nothing is followed: the SOURCE itself is ``lstat``ed and must be a directory (a symlink to a
+  directory is an error; ``link/`` with a trailing slash names the directory and works), and every
+  entry below it is ``lstat``ed once (``os.scandir``; ``.`` and ``..`` are not listed).
+* Each node gets mode (type and all permission bits), uid, gid, rdev and size from ``lstat``, and
+  the mtime in nanoseconds, or 0 with ``use_epoch``. The root node describes SOURCE itself.
+  Regular files, directories, symlinks (target from ``readlink``), character and block devices,
+  FIFOs and sockets are kept; ``skip_devices`` leaves out character and block devices (which also
+  drops overlay whiteouts, so the image stays format version 0).
+* Extended attributes come from ``listxattr``/``getxattr`` without following symlinks: all of
+  them (user., trusted. -- readable by root only --, security., system.posix_acl_*), only
+  ``user.*`` ones with ``user_xattrs``, none with ``skip_xattrs``. A filesystem without xattr
+  support (ENOTSUP) gives none. More xattrs than libcomposefs accepts on one inode is an error
+  (ERANGE), as in mkcomposefs.
+* Regular files: an empty one is read not at all; one of 1..64 bytes is read and stored inline;
+  a larger one gets its fs-verity digest, and payload = its object path ``ab/cdef…``. Those reads
+  and hashes run on ``threads`` worker processes (``mkcfs.digests``) while the walk goes on;
+  with ``digest_store`` each such file is also put into that object store (``mkcfs.store``).
+* **Hard links.** mkcomposefs 1.0.8 does not detect hard links in a directory source: every path
+  is a separate inode with nlink 1 (a file with several links is still read only once here). That
+  is the default, for byte identity. With ``hardlinks=True``, entries other than directories
+  that share ``(st_dev, st_ino)`` become one inode: the first of them in depth-first order with
+  bytewise-sorted names is the ``Node`` and the others are ``HardLink`` entries to it, and the
+  node's nlink is the number of links found in the tree (links from outside the tree are not
+  counted).
+
+Errors are ``WalkError`` with a one-line message naming the path: a missing or non-directory
+SOURCE, an unreadable directory or file, a file that changes size or vanishes while it is read,
+a digest store that cannot be used. Nothing is left half-written in the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import Union
+
+from .digests import DigestPool, walk_error
+from .errors import BuildInputError, WalkError
+from .overlay import XattrBudget, XattrLimitError
+from .progress import Progress
+from .tree import HardLink, Node
+
+__all__ = ["WalkOptions", "walk_directory"]
+
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
+_S_IFCHR = stat.S_IFCHR
+_S_IFBLK = stat.S_IFBLK
+_NO_XATTR_SUPPORT = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP))
+_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class WalkOptions:
+    """What ``walk_directory`` reads (the mkcomposefs options of the same names).
+
+    ``threads``: workers reading and hashing files (None: the CPUs this process may run on;
+    they are processes, see ``mkcfs.digests.DigestPool``). ``digest_store``: object store
+    directory to fill, or None. ``progress``: show a progress line on stderr (None: when
+    stderr is a terminal)."""
+
+    use_epoch: bool = False
+    skip_devices: bool = False
+    skip_xattrs: bool = False
+    user_xattrs: bool = False
+    hardlinks: bool = False
+    threads: int | None = None
+    digest_store: PathArg | None = None
+    progress: bool | None = None
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class _Walker:
+    def __init__(self, options: WalkOptions, pool: DigestPool, progress: Progress | None) -> None:
+        self.options = options
+        self.pool = pool
+        self.progress = progress
+        self.read_xattrs = not options.skip_xattrs
+        self.user_only = options.user_xattrs
+        #: (dev, ino, size) -> node, for files with several links (read them once)
+        self.seen: dict[tuple[int, int, int], Node] = {}
+        #: hardlinks mode: (dev, ino) -> [(path, parent children, name, node)]
+        self.links: dict[tuple[int, int], list[tuple[bytes, dict, bytes, Node]]] = {}
+        #: shared int objects for the values many nodes have in common
+        self.modes: dict[int, int] = {}
+        self.mtimes: dict[int, tuple[int, int]] = {}
+
+    # -- one inode --------------------------------------------------------------------------
+
+    def xattrs(self, path: bytes) -> dict[bytes, bytes] | None:
+        """The xattrs of ``path`` (not following a symlink), or None when it has none."""
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _NO_XATTR_SUPPORT:
+                return None
+            raise walk_error("error accessing", path, exc) from None
+        if not names:
+            return None
+        result: dict[bytes, bytes] = {}
+        budget = XattrBudget(result)
+        fsencode = os.fsencode
+        user_only = self.user_only
+        for name in names:
+            if user_only and not name.startswith("user."):
+                continue
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno == errno.ENODATA or exc.errno in _NO_XATTR_SUPPORT:
+                    continue   # removed since it was listed / not readable here: none
+                raise walk_error("error accessing", path, exc) from None
+            try:
+                budget.set(fsencode(name), value)
+            except XattrLimitError as exc:
+                raise walk_error("error accessing", path, OSError(
+                    exc.errno, os.strerror(exc.errno))) from None
+        return result
+
+    def node(self, path: bytes, st: os.stat_result) -> Node:
+        """The node for an ``lstat`` result (no file contents)."""
+        if self.options.use_epoch:
+            sec = nsec = 0
+        else:
+            sec, nsec = divmod(st.st_mtime_ns, _NS)
+        node = Node(st.st_mode, 1, st.st_uid, st.st_gid, st.st_rdev, st.st_size, sec, nsec)
+        if self.read_xattrs:
+            xattrs = self.xattrs(path)
+            if xattrs:
+                node.xattrs = xattrs
+        return node
+
+    # -- the tree ---------------------------------------------------------------------------
+
+    def run(self, src: bytes, st: os.stat_result) -> Node:
+        root = self.node(src, st)
+        stack: list[tuple[bytes, Node]] = [(src, root)]
+        pool = self.pool
+        progress = self.progress
+        while stack:
+            path, node = stack.pop()
+            count = self.scan(path, node, stack)
+            if progress is not None:
+                progress.entries += count
+            if pool.failed:
+                break
+        if self.options.hardlinks:
+            self.resolve_links()
+        return root
+
+    def scan(self, dpath: bytes, dnode: Node, stack: list[tuple[bytes, Node]]) -> int:
+        """Add the entries of directory ``dpath`` to ``dnode``; push subdirectories."""
+        children = dnode.children
+        assert children is not None
+        options = self.options
+        skip_devices = options.skip_devices
+        use_epoch = options.use_epoch
+        hardlinks = options.hardlinks
+        read_xattrs = self.read_xattrs
+        xattrs = self.xattrs
+        pool = self.pool
+        seen = self.seen
+        links = self.links
+        readlink = os.readlink
+        modes = self.modes
+        mtimes = self.mtimes
+        count = 0
+        try:
+            with os.scandir(dpath) as it:
+                for entry in it:
+                    path = entry.path
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError as exc:
+                        raise walk_error("error accessing", path, exc) from None
+                    mode = st.st_mode
+                    fmt = mode & _S_IFMT
+                    if skip_devices and (fmt == _S_IFCHR or fmt == _S_IFBLK):
+                        continue
+                    count += 1
+                    if use_epoch:
+                        sec = nsec = 0
+                    else:
+                        mtime = st.st_mtime_ns
+                        times = mtimes.get(mtime)
+                        if times is None:
+                            times = mtimes[mtime] = divmod(mtime, _NS)
+                        sec, nsec = times
+                    size = st.st_size
+                    # one int object per distinct mode and mtime (trees share few): less memory
+                    node = Node(modes.setdefault(mode, mode), 1, st.st_uid, st.st_gid,
+                                st.st_rdev, size, sec, nsec)
+                    if read_xattrs:
+                        found = xattrs(path)
+                        if found:
+                            node.xattrs = found
+                    name = entry.name
+                    children[name] = node
+                    if fmt == _S_IFREG:
+                        if st.st_nlink > 1 and hardlinks:
+                            links.setdefault((st.st_dev, st.st_ino), []).append(
+                                (path, children, name, node))
+                        elif size > 0:
+                            if st.st_nlink > 1:
+                                key = (st.st_dev, st.st_ino, size)
+                                primary = seen.get(key)
+                                if primary is not None:
+                                    pool.alias(node, primary)
+                                    continue
+                                seen[key] = node
+                            pool.add(path, node)
+                    elif fmt == _S_IFDIR:
+                        stack.append((path, node))
+                    else:
+                        if fmt == _S_IFLNK:
+                            try:
+                                node.payload = readlink(path)
+                            except OSError as exc:
+                                raise walk_error("error accessing", path, exc) from None
+                        if hardlinks and st.st_nlink > 1:
+                            links.setdefault((st.st_dev, st.st_ino), []).append(
+                                (path, children, name, node))
+        except WalkError:
+            raise
+        except OSError as exc:   # opening or reading the directory
+            raise walk_error("error accessing", dpath, exc) from None
+        return count
+
+    def resolve_links(self) -> None:
+        """hardlinks mode: one node per inode (the first path in sorted depth-first order),
+        the other paths become ``HardLink``s to it."""
+        pool = self.pool
+        for group in self.links.values():
+            if len(group) > 1:
+                group.sort(key=lambda item: item[0].split(b"/"))
+            path, _, _, primary = group[0]
+            primary.nlink = len(group)
+            for _, children, name, _ in group[1:]:
+                children[name] = HardLink(primary)
+            if (primary.mode & _S_IFMT) == _S_IFREG and primary.size > 0:
+                pool.add(path, primary)
+        self.links.clear()
+
+
+def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
+    """Read the directory tree at ``path`` into a ``Node`` tree (see the module docstring)."""
+    if options is None:
+        options = WalkOptions()
+    if options.skip_xattrs and options.user_xattrs:
+        raise BuildInputError("--user-xattrs and --skip-xattrs cannot be used together")
+    threads = options.threads if options.threads is not None else _default_threads()
+    if threads < 1:
+        raise BuildInputError(f"Invalid threads count {threads}")
+    src = os.fsencode(path)
+    try:
+        st = os.lstat(src)
+    except OSError as exc:
+        raise walk_error("error accessing", src, exc) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise walk_error("error accessing", src, os.strerror(errno.ENOTDIR))
+
+    store = None
+    if options.digest_store is not None:
+        from .store import ObjectStore
+        store = ObjectStore(options.digest_store)
+
+    # the pool forks its workers: before the progress thread exists, and while we are small
+    pool = DigestPool(threads, store)
+    progress = pool.progress = Progress.for_stream(enabled=options.progress)
+    try:
+        root = _Walker(options, pool, progress).run(src, st)
+        pool.finish()
+    except BaseException:
+        pool.abort()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+    return root

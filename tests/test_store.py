@@ -1,0 +1,514 @@
+"""The object store (``--digest-store``): layout, modes, existing objects, copy strategies, errors,
+stale temporary files, crash safety under SIGKILL and two builds filling one store at once."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fsverity
+from mkcfs import digests, store as store_mod
+from mkcfs.errors import WalkError
+from mkcfs.store import TEMP_PREFIX, ObjectStore
+from mkcfs.walk import WalkOptions, walk_directory
+
+REPO = Path(__file__).resolve().parent.parent
+ROOT = os.geteuid() == 0
+
+
+def write(path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def store_contents(store) -> dict[str, bytes]:
+    """``{"ab/cdef…": content}`` of every object; asserts names, modes and no temporary files."""
+    store = Path(store)
+    objects = {}
+    for entry in store.iterdir():
+        assert not entry.name.startswith(".tmp"), f"stray temporary file {entry}"
+        assert entry.is_dir() and len(entry.name) == 2, entry
+        for obj in entry.iterdir():
+            data = obj.read_bytes()
+            name = f"{entry.name}/{obj.name}"
+            assert name == fsverity.object_path(fsverity.digest_bytes(data)), name
+            assert stat.S_IMODE(obj.lstat().st_mode) == 0o644, name
+            assert stat.S_ISREG(obj.lstat().st_mode)
+            objects[name] = data
+    return objects
+
+
+def expected_objects(*datas: bytes) -> dict[str, bytes]:
+    return {fsverity.object_path(fsverity.digest_bytes(d)): d for d in datas if len(d) > 64}
+
+
+@pytest.fixture
+def src(tmp_path):
+    s = tmp_path / "src"
+    (s / "sub").mkdir(parents=True)
+    write(s / "tiny", b"x" * 64)
+    write(s / "a", os.urandom(65))
+    write(s / "b", os.urandom(200_000))
+    write(s / "sub" / "same-as-b", (s / "b").read_bytes())
+    write(s / "sub" / "c", os.urandom(4096))
+    write(s / "empty", b"")
+    os.symlink("a" * 100, s / "longlink")
+    return s
+
+
+def datas(src) -> list[bytes]:
+    return [(src / n).read_bytes() for n in ("tiny", "a", "b", "sub/c")]
+
+
+def test_store_layout_and_modes(src, tmp_path):
+    store = tmp_path / "objects"
+    root = walk_directory(src, WalkOptions(digest_store=str(store), progress=False))
+    assert store_contents(store) == expected_objects(*datas(src))   # only > 64 bytes, b once
+    for sub in store.iterdir():
+        assert stat.S_IMODE(sub.stat().st_mode) == 0o755 & ~_umask()
+    node = root.children[b"b"]
+    assert (store / node.payload.decode()).read_bytes() == (src / "b").read_bytes()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_store_modes_under_umask_077(src, tmp_path):
+    store = tmp_path / "deep" / "objects"
+    old = os.umask(0o077)
+    try:
+        walk_directory(src, WalkOptions(digest_store=store, progress=False))
+    finally:
+        os.umask(old)
+    assert store_contents(store) == expected_objects(*datas(src))   # objects still 0644
+    for sub in store.iterdir():
+        assert stat.S_IMODE(sub.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+
+
+def test_existing_objects_are_left_alone(src, tmp_path):
+    store = tmp_path / "objects"
+    b = (src / "b").read_bytes()
+    name = fsverity.object_path(fsverity.digest_bytes(b))
+    (store / name[:2]).mkdir(parents=True)
+    write(store / name, b"not the real content")
+    os.chmod(store / name, 0o600)
+    before = os.stat(store / name)
+    walk_directory(src, WalkOptions(digest_store=store, progress=False))
+    after = os.stat(store / name)
+    assert (store / name).read_bytes() == b"not the real content"
+    assert (before.st_ino, before.st_mtime_ns, after.st_mode) == (
+        after.st_ino, after.st_mtime_ns, before.st_mode)
+    # a second build into the full store writes nothing
+    snapshot = {p: os.stat(p).st_mtime_ns for p in store.rglob("*")}
+    walk_directory(src, WalkOptions(digest_store=store, progress=False))
+    assert {p: os.stat(p).st_mtime_ns for p in store.rglob("*")} == snapshot
+
+
+@pytest.mark.parametrize("strategy", ["copy-while-hashing", "hash-then-copy"])
+@pytest.mark.parametrize("copy_range", ["works", "ENOSYS", "EXDEV", "EINVAL", "short"])
+def test_copy_strategies(tmp_path, monkeypatch, strategy, copy_range):
+    store = ObjectStore(tmp_path / "objects")
+    store._reflink = False
+    store._hit_score = 8.0 if strategy == "hash-then-copy" else 0.0
+    if copy_range != "works":
+        def fake(src, dst, count, offset_src=None, offset_dst=None):
+            if copy_range == "short":
+                return 0
+            raise OSError(getattr(errno, copy_range), "fake")
+        monkeypatch.setattr(os, "copy_file_range", fake)
+    view = memoryview(bytearray(digests.BUFFER_SIZE))
+    files = []
+    for size in (65, 4096, 3 * digests.BUFFER_SIZE + 5):
+        data = os.urandom(size)
+        path = tmp_path / f"f{size}"
+        write(path, data)
+        files.append(data)
+        digest = store.add_file(os.fsencode(path), size, view)
+        assert digest == fsverity.digest_bytes(data)
+        assert digest in store
+        # adding again is a no-op
+        assert store.add_file(os.fsencode(path), size, view) == digest
+    if strategy == "hash-then-copy":
+        store._hit_score = 8.0
+    assert store_contents(tmp_path / "objects") == expected_objects(*files)
+    if copy_range in ("ENOSYS", "EXDEV") and strategy == "hash-then-copy":
+        assert store._copy_range is False
+
+
+@pytest.mark.parametrize("syncfs", ["works", "missing"])
+def test_deferred_objects_appear_at_flush(tmp_path, monkeypatch, syncfs):
+    if syncfs == "missing":
+        def nosyncfs(fd):
+            raise OSError(errno.ENOSYS, "no syncfs")
+        monkeypatch.setattr(store_mod, "_syncfs", nosyncfs)
+    store = ObjectStore(tmp_path / "objects")
+    view = memoryview(bytearray(digests.BUFFER_SIZE))
+    data = [os.urandom(100 + i) for i in range(3)]
+    digests_ = []
+    for i, d in enumerate(data):
+        write(tmp_path / f"f{i}", d)
+        digests_.append(store.add_file(os.fsencode(tmp_path / f"f{i}"), len(d), view,
+                                       defer=True))
+    assert not any(d in store for d in digests_)          # complete, not yet named
+    store.flush()
+    assert all(d in store for d in digests_)
+    assert store_contents(tmp_path / "objects") == expected_objects(*data)
+    # dropped instead (after an error): nothing is left
+    write(tmp_path / "g", os.urandom(500))
+    dropped = store.add_file(os.fsencode(tmp_path / "g"), 500, view, defer=True)
+    store.discard_pending()
+    store.flush()
+    assert dropped not in store
+    store_contents(tmp_path / "objects")
+
+
+def test_deferred_objects_are_flushed_in_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "_GROUP", 2)
+    store = ObjectStore(tmp_path / "objects")
+    view = memoryview(bytearray(digests.BUFFER_SIZE))
+    names = []
+    for i in range(3):
+        write(tmp_path / f"f{i}", os.urandom(70 + i))
+        names.append(store.add_file(os.fsencode(tmp_path / f"f{i}"), 70 + i, view, defer=True))
+    assert [d in store for d in names] == [True, True, False]
+    store.flush()
+    assert all(d in store for d in names)
+
+
+def test_reflink_when_available(tmp_path, monkeypatch):
+    calls = []
+    real_ioctl = fcntl.ioctl
+
+    def fake_ioctl(fd, request, arg=0, *rest):
+        if request == store_mod.FICLONE:   # pretend: a reflink is a plain copy here
+            calls.append(request)
+            os.lseek(arg, 0, os.SEEK_SET)
+            while chunk := os.read(arg, 1 << 16):
+                os.write(fd, chunk)
+            return 0
+        return real_ioctl(fd, request, arg, *rest)
+    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl)
+    store = ObjectStore(tmp_path / "objects")
+    data = [os.urandom(n) for n in (100, 10_000, 70_000)]
+    view = memoryview(bytearray(digests.BUFFER_SIZE))
+    for i, d in enumerate(data):
+        write(tmp_path / f"f{i}", d)
+        store.add_file(os.fsencode(tmp_path / f"f{i}"), len(d), view)
+    assert store._reflink is True and len(calls) == 3
+    assert store_contents(tmp_path / "objects") == expected_objects(*data)
+
+
+def test_verity_is_tried_and_failures_ignored(tmp_path, monkeypatch):
+    tried = []
+    real_ioctl = fcntl.ioctl
+
+    def fake_ioctl(fd, request, arg=0, *rest):
+        if request == store_mod.FS_IOC_ENABLE_VERITY:
+            tried.append(os.fstat(fd).st_ino)
+            assert arg[:4] == b"\x01\x00\x00\x00" and len(arg) == 128
+            # the descriptor must be read-only, with no writer left open
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            raise OSError(errno.ENOTTY, "fake")
+        return real_ioctl(fd, request, arg, *rest)
+    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl)
+    store = ObjectStore(tmp_path / "objects")
+    view = memoryview(bytearray(digests.BUFFER_SIZE))
+    data = [os.urandom(100), os.urandom(200)]
+    for i, d in enumerate(data):
+        write(tmp_path / f"f{i}", d)
+        store.add_file(os.fsencode(tmp_path / f"f{i}"), len(d), view)
+    assert len(tried) == 1 and store._verity is False   # not supported: asked once
+    assert store_contents(tmp_path / "objects") == expected_objects(*data)
+
+
+def test_source_changed_between_hash_and_copy(tmp_path, monkeypatch):
+    store = ObjectStore(tmp_path / "objects")
+    store._hit_score = 8.0
+    path = tmp_path / "f"
+    write(path, os.urandom(10_000))
+    real_copy = store._copy
+
+    def tamper(src_fd, temp, size, view):
+        with open(path, "r+b") as f:
+            f.write(b"changed!")
+        os.utime(path, ns=(1, 1))
+        real_copy(src_fd, temp, size, view)
+    monkeypatch.setattr(store, "_copy", tamper)
+    with pytest.raises(WalkError, match="changed while being copied"):
+        store.add_file(os.fsencode(path), 10_000, memoryview(bytearray(digests.BUFFER_SIZE)))
+    assert store_contents(tmp_path / "objects") == {}
+
+
+def test_failed_build_leaves_no_temporary_files(src, tmp_path, monkeypatch):
+    real = digests.open_source
+
+    def vanishing(path):
+        if path.endswith(b"/sub/c"):
+            os.unlink(path)
+        return real(path)
+    monkeypatch.setattr(digests, "open_source", vanishing)
+    monkeypatch.setattr(store_mod, "open_source", vanishing)
+    store = tmp_path / "objects"
+    with pytest.raises(WalkError, match="sub/c: No such file"):
+        walk_directory(src, WalkOptions(digest_store=store, threads=1, progress=False))
+    store_contents(store)
+
+
+def test_write_error_names_the_store(tmp_path, monkeypatch):
+    store = ObjectStore(tmp_path / "objects")
+    store._reflink = False
+    write(tmp_path / "f", os.urandom(1000))
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(WalkError, match=r"^cannot fill store .*: No space left on device$"):
+        store.add_file(os.fsencode(tmp_path / "f"), 1000,
+                       memoryview(bytearray(digests.BUFFER_SIZE)))
+    monkeypatch.undo()
+    store_contents(tmp_path / "objects")
+
+
+def test_cancel_stops_a_long_read(tmp_path):
+    import threading
+    write(tmp_path / "f", os.urandom(3 * digests.BUFFER_SIZE))
+    cancel = threading.Event()
+    cancel.set()
+    store = ObjectStore(tmp_path / "objects")
+    store._reflink = False
+    with pytest.raises(digests.Cancelled):
+        store.add_file(os.fsencode(tmp_path / "f"), 3 * digests.BUFFER_SIZE,
+                       memoryview(bytearray(digests.BUFFER_SIZE)), cancel)
+    assert store_contents(tmp_path / "objects") == {}
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def test_store_is_a_file(src, tmp_path):
+    write(tmp_path / "file", b"")
+    for path in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(WalkError, match=r"^cannot fill store .*file.*: Not a directory$"):
+            walk_directory(src, WalkOptions(digest_store=path, progress=False))
+
+
+def _make_unwritable(path: Path):
+    """chmod for a normal user; the immutable attribute for root (skips if unsupported)."""
+    if not ROOT:
+        os.chmod(path, 0o555)
+        return lambda: os.chmod(path, 0o755)
+    FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))[:4], "little")
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, (flags | FS_IMMUTABLE_FL).to_bytes(8, "little"))
+    except OSError as exc:
+        pytest.skip(f"cannot make a directory unwritable for root here: {exc}")
+    finally:
+        os.close(fd)
+
+    def undo() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags.to_bytes(8, "little"))
+        finally:
+            os.close(fd)
+    return undo
+
+
+def test_store_not_writable(src, tmp_path):
+    store = tmp_path / "objects"
+    store.mkdir()
+    undo = _make_unwritable(store)
+    try:
+        with pytest.raises(WalkError, match=r"^cannot fill store .*objects: "
+                                            r"(Permission denied|Operation not permitted)$"):
+            walk_directory(src, WalkOptions(digest_store=store, progress=False))
+    finally:
+        undo()
+    assert list(store.iterdir()) == []
+
+
+# -- stale temporary files ----------------------------------------------------------------------
+
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    store = tmp_path / "objects"
+    store.mkdir()
+    dead = store / (TEMP_PREFIX.decode() + "12345-deadbeef")
+    write(dead, b"partial")
+    alive = store / (TEMP_PREFIX.decode() + "1-alive")
+    write(alive, b"being written")
+    foreign = store / ".tmpAbC123"          # mkcomposefs 1.0.8's own: not ours to judge
+    write(foreign, b"?")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(alive)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        ObjectStore(store)
+        assert not dead.exists() and alive.exists() and foreign.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    ObjectStore(store)                       # the holder is gone now
+    assert not alive.exists() and foreign.exists()
+
+
+def test_live_temporary_file_is_not_taken_for_a_stale_one(tmp_path):
+    store = ObjectStore(tmp_path / "objects")
+    temp = store_mod._Temp(store.root, True)
+    try:
+        assert store.clean_stale_temps() == 0   # locked by us (another open file description)
+        assert os.path.exists(temp.name)
+    finally:
+        temp.discard()
+    assert not os.path.exists(temp.name)
+
+
+def test_new_temporary_file_taken_by_a_cleaner_before_its_lock(tmp_path, monkeypatch):
+    store = ObjectStore(tmp_path / "objects")
+    real_flock = fcntl.flock
+    raced = []
+
+    def racing_flock(fd, operation):
+        if operation == fcntl.LOCK_EX and not raced:
+            # another build's cleaner runs between our create and our lock
+            raced.append(store.clean_stale_temps())
+        return real_flock(fd, operation)
+    monkeypatch.setattr(fcntl, "flock", racing_flock)
+    temp = store_mod._Temp(store.root, True)
+    try:
+        assert raced == [1]                       # it removed our first file...
+        assert os.fstat(temp.rfd).st_nlink == 1   # ... and we made a new one
+        temp.write(memoryview(b"data"))
+    finally:
+        temp.discard()
+    assert [n for n in os.listdir(store.root) if n.startswith(b".tmp")] == []
+
+
+# -- crash safety and concurrency (real processes) -----------------------------------------------
+
+def _mkcfs(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "mkcfs", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory):
+    """~100 MB in 1 large and 120 medium files: a build takes long enough to be killed midway."""
+    base = tmp_path_factory.mktemp("bigtree")
+    src = base / "src"
+    (src / "d").mkdir(parents=True)
+    seed = os.urandom(1 << 20)
+    with open(src / "large", "wb") as f:
+        for i in range(48):
+            f.write(seed[i:] + seed[:i])
+    for i in range(120):
+        write(src / "d" / f"m{i:03d}", os.urandom(400_000 + i))
+    for i in range(50):
+        write(src / f"s{i}", b"small %d" % i)
+    return src
+
+
+def _check_after_kill(store: Path, image: Path, expected_image: bytes) -> int:
+    """Every object under its final name is complete, the image is absent or complete.
+    Returns the number of temporary files left."""
+    temps = 0
+    for sub in (store.iterdir() if store.exists() else ()):
+        if sub.name.startswith(".tmp"):
+            temps += 1
+            continue
+        for obj in sub.iterdir():
+            assert f"{sub.name}/{obj.name}" == fsverity.object_path(
+                fsverity.digest_bytes(obj.read_bytes()))
+    assert not image.exists() or image.read_bytes() == expected_image
+    return temps
+
+
+def _processes_with(arg: str) -> list[int]:
+    """Live processes whose command line holds ``arg`` (a build and its forked workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if arg.encode() in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"   # a zombie is dead
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [p for p in pids if _alive(p)], "worker processes survived their parent"
+
+
+def test_sigkill_leaves_only_complete_objects(big_tree, tmp_path):
+    sources = [p.read_bytes() for p in big_tree.rglob("*") if p.is_file()]
+    started = time.monotonic()
+    ref = _mkcfs(f"--digest-store={tmp_path / 'ref-store'}", str(big_tree),
+                 str(tmp_path / "ref.img"))
+    assert ref.wait() == 0, ref.stderr.read()
+    duration = time.monotonic() - started
+    expected_image = (tmp_path / "ref.img").read_bytes()
+    # kill builds into fresh stores at moments spread over a whole build
+    for i, fraction in enumerate((0.15, 0.3, 0.45, 0.6, 0.75, 0.9)):
+        store = tmp_path / f"objects{i}"
+        image = tmp_path / f"out{i}.img"
+        proc = _mkcfs("--threads=2", f"--digest-store={store}", str(big_tree), str(image))
+        time.sleep(duration * fraction)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _wait_gone(_processes_with(str(image)))   # the digest workers die with the build
+        _check_after_kill(store, image, expected_image)
+        # the next build cleans up and completes the store
+        proc = _mkcfs(f"--digest-store={store}", str(big_tree), str(image))
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert store_contents(store) == expected_objects(*sources)   # no temporary files
+        assert image.read_bytes() == expected_image
+
+
+def test_two_builds_fill_one_store_at_once(big_tree, tmp_path):
+    store = tmp_path / "objects"
+    procs = [_mkcfs(f"--digest-store={store}", str(big_tree), str(tmp_path / f"{i}.img"))
+             for i in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert err == b""
+    assert (tmp_path / "0.img").read_bytes() == (tmp_path / "1.img").read_bytes()
+    sources = [p.read_bytes() for p in big_tree.rglob("*") if p.is_file()]
+    assert store_contents(store) == expected_objects(*sources)
