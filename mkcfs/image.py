@@ -9,6 +9,7 @@ holds the old file, or the complete new one, never a partial image.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import tempfile
 from dataclasses import dataclass
@@ -53,18 +54,59 @@ def build_image(root: Node, *, min_version: int = DEFAULT_MIN_VERSION,
     return BuiltImage(data, version)
 
 
+def _temp_prefix(path: str) -> tuple[str, str]:
+    directory = os.path.dirname(os.path.abspath(path))
+    return directory, "." + os.path.basename(path) + "."
+
+
+def remove_stale_temporaries(path: str) -> int:
+    """Remove the ``.NAME.*.tmp`` files a killed writer of ``path`` left behind.
+
+    A writer holds an ``flock`` on its temporary file until it is renamed, so a temporary file
+    that can be locked belongs to nobody alive. Returns how many were removed."""
+    directory, prefix = _temp_prefix(path)
+    removed = 0
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return 0
+    for name in names:
+        full = os.path.join(directory, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st, now = os.fstat(fd), os.lstat(full)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(full)
+                removed += 1
+        except OSError:
+            pass   # locked by a live writer, or already gone
+        finally:
+            os.close(fd)
+    return removed
+
+
 def write_atomically(path: str, data: bytes | bytearray, mode: int = 0o666,
                      durable: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory + rename.
 
     The file gets ``mode & ~umask`` like a plain ``open(O_CREAT)``. On any failure the temporary
-    file is removed and ``path`` is left as it was. A killed process leaves at most a
-    ``.NAME.*.tmp`` file beside the target, never a partial image under its name. With
-    ``durable`` the data is fsync'ed before the rename (survives a power cut, costs ~10 ms/MB
-    here); mkcomposefs 1.0.8 never syncs, and neither does the CLI by default."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    file is removed and ``path`` is left as it was. A killed process leaves at most an unlocked
+    ``.NAME.*.tmp`` file beside the target (never a partial image under its name), which the next
+    write to the same path removes. With ``durable`` the data is fsync'ed before the rename
+    (survives a power cut, costs ~10 ms/MB here); mkcomposefs 1.0.8 never syncs, and neither
+    does the CLI by default."""
+    remove_stale_temporaries(path)
+    directory, prefix = _temp_prefix(path)
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)   # a cleaner removed it in the instant before we locked it
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -75,14 +117,12 @@ def write_atomically(path: str, data: bytes | bytearray, mode: int = 0o666,
             view = view[written:]
         if durable:
             os.fsync(fd)
-        os.close(fd)
-        fd = -1
         os.rename(tmp, path)
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+    finally:
+        os.close(fd)

@@ -197,9 +197,28 @@ def test_killed_build_never_leaves_a_partial_image(tmp_path):
         proc.wait()
         content = target.read_bytes()
         assert content == b"old" or hashlib.sha256(content).hexdigest() == expected
-    # leftovers of killed runs are only hidden temporaries, never the target name
+    # leftovers of killed runs are only hidden temporaries, never the target name...
     for p in tmp_path.iterdir():
         assert p.name in ("big.dump", "o.img") or (p.name.startswith(".o.img.") and p.name.endswith(".tmp"))
+    # ...and the next run to the same target removes them
+    assert main(["--from-file", str(dump), str(target)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.dump", "o.img"]
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == expected
+
+
+def test_live_writers_temporary_is_not_removed(tmp_path):
+    import fcntl
+
+    from mkcfs.image import remove_stale_temporaries
+
+    target = tmp_path / "o.img"
+    live = tmp_path / ".o.img.live.tmp"
+    stale = tmp_path / ".o.img.dead.tmp"
+    stale.write_bytes(b"partial")
+    with open(live, "wb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        assert remove_stale_temporaries(str(target)) == 1
+        assert live.exists() and not stale.exists()
 
 
 def test_python_dash_m_and_console_entry_point_agree(tmp_path):

@@ -39,7 +39,8 @@ options:
   --from-file           SOURCE is a dumpfile
   --min-version=N       lowest format version to write (0 or 1; default 0)
   --max-version=N       highest format version to write (0 or 1; default 1)
-  --threads=N           worker threads for digests and copies (default: usable CPUs)
+  --threads=N           parallel workers for digests and store copies (default: the
+                        CPUs this process may use)
   --help                show this help
 """
 
