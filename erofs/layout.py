@@ -52,10 +52,23 @@ class InodeRecord:
     directories) lists ``(name, record index)`` sorted by name, ``.`` and ``..`` included.
     ``data`` is a symlink target or inline file content. ``external`` marks a regular file whose
     data lives outside the image (chunk-based, described by overlay xattrs).
+
+    ``plan_image`` then records the placement on the same object (one object per inode keeps
+    a 64k-entry build ~10 MB smaller): ``nid``; ``compact`` or extended; ``datalayout``;
+    ``i_size``; ``i_u``; ``pad`` zero bytes before the inode; ``xattr_size``, the ibody size
+    (0: none) made of ``shared`` references (``XattrEntryInfo``) then ``inline`` (key, value)
+    entries, with ``name_filter``;
+    ``tail`` bytes stored inline after it; ``n_blocks`` data blocks from ``first_block``;
+    ``dir_chunks``, a directory's dirent index ranges per block (the last one is the inline tail
+    when ``tail`` > 0); ``chunkbits`` of an external file.
     """
 
     __slots__ = ("mode", "nlink", "uid", "gid", "rdev", "size", "mtime_sec", "mtime_nsec",
-                 "xattrs", "dirents", "data", "external")
+                 "xattrs", "dirents", "data", "external",
+                 # filled in by plan_image (see there):
+                 "nid", "compact", "datalayout", "i_size", "i_u", "pad", "xattr_size", "shared",
+                 "inline", "name_filter", "tail", "n_blocks", "first_block", "dir_chunks",
+                 "chunkbits")
 
     def __init__(self, mode: int, nlink: int, uid: int, gid: int, rdev: int, size: int,
                  mtime_sec: int, mtime_nsec: int, xattrs: list[tuple[bytes, bytes]],
@@ -102,45 +115,12 @@ class XattrEntryInfo:
         return len(self.raw)
 
 
-class InodePlan:
-    """Placement of one record: where it goes and what it holds.
-
-    ``pad`` zero bytes precede the inode; ``xattr_size`` is the ibody size (0: none) made of
-    ``shared`` references then ``inline`` entries; ``tail`` bytes are stored inline after it;
-    ``n_blocks`` data blocks start at ``first_block``; ``dir_chunks`` are the dirent index
-    ranges of a directory's blocks (the last one is the inline tail when ``tail`` > 0)."""
-
-    __slots__ = ("nid", "compact", "datalayout", "i_size", "i_u", "pad", "xattr_size", "shared",
-                 "inline", "name_filter", "tail", "n_blocks", "first_block", "dir_chunks",
-                 "chunkbits")
-
-    def __init__(self, nid: int, compact: bool, datalayout: int, i_size: int, pad: int,
-                 xattr_size: int, shared: list[XattrEntryInfo], inline: list[XattrEntryInfo],
-                 name_filter: int, tail: int, n_blocks: int, dir_chunks: list[tuple[int, int]],
-                 chunkbits: int) -> None:
-        self.nid = nid
-        self.compact = compact
-        self.datalayout = datalayout
-        self.i_size = i_size
-        self.i_u = 0
-        self.pad = pad
-        self.xattr_size = xattr_size
-        self.shared = shared
-        self.inline = inline
-        self.name_filter = name_filter
-        self.tail = tail
-        self.n_blocks = n_blocks
-        self.first_block = 0
-        self.dir_chunks = dir_chunks
-        self.chunkbits = chunkbits
-
-
 @dataclass(slots=True)
 class ImagePlan:
     """Everything the writer needs to emit an image."""
 
     records: list[InodeRecord]
-    inodes: list[InodePlan]
+    key_info: dict[bytes, tuple[int, bytes, int]]   # xattr key -> (name index, suffix, filter mask)
     shared_table: list[XattrEntryInfo]
     shared_size: int
     inodes_end: int
@@ -196,38 +176,41 @@ def _min_mtime(records: list[InodeRecord]) -> tuple[int, int]:
 def plan_image(records: list[InodeRecord]) -> ImagePlan:
     """Lay out ``records`` (BFS order, root first) exactly as mkcomposefs 1.0.8 would."""
     # --- shared xattrs: count identical (key, value) pairs over all inodes ---------------------
-    infos: dict[tuple[bytes, bytes], XattrEntryInfo] = {}
     counts: dict[tuple[bytes, bytes], int] = {}
-    has_acl = False
     for rec in records:
         for pair in rec.xattrs:
             n = counts.get(pair)
             counts[pair] = 1 if n is None else n + 1
-    key_info: dict[bytes, tuple[int, bytes, int]] = {}
-    for pair in counts:
-        key = pair[0]
-        split = key_info.get(key)
-        if split is None:
-            index, suffix = xattr_prefix_split(key)
-            split = key_info[key] = (index, suffix, 1 << xattr_filter_bit(index, suffix))
-            if key in _ACL_KEYS:
-                has_acl = True
-        infos[pair] = XattrEntryInfo(split[0], split[1], pair[1], split[2])
     shared_pairs = sorted((p for p, n in counts.items() if n > 1),
                           key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
+    del counts
+    key_info: dict[bytes, tuple[int, bytes, int]] = {}   # key -> (index, suffix, filter mask)
+    has_acl = False
+
+    def split_key(key: bytes) -> tuple[int, bytes, int]:
+        nonlocal has_acl
+        index, suffix = xattr_prefix_split(key)
+        info = key_info[key] = (index, suffix, 1 << xattr_filter_bit(index, suffix))
+        if key in _ACL_KEYS:
+            has_acl = True
+        return info
+
+    shared_infos: dict[tuple[bytes, bytes], XattrEntryInfo] = {}
     shared_table = []
     offset = 0
     for pair in shared_pairs:
-        info = infos[pair]
+        index, suffix, mask = key_info.get(pair[0]) or split_key(pair[0])
+        info = shared_infos[pair] = XattrEntryInfo(index, suffix, pair[1], mask)
         info.shared_offset = offset
         offset += len(info.raw)
         shared_table.append(info)
     shared_size = offset
+    get_key_info = key_info.get
+    get_shared = shared_infos.get
 
     build_time, build_time_nsec = _min_mtime(records)
 
     # --- per-inode placement -----------------------------------------------------------------
-    plans: list[InodePlan] = []
     pos = INODES_START
     n_data_blocks = 0
     for rec in records:
@@ -273,19 +256,20 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
 
         # xattr body
         shared: list[XattrEntryInfo] = []
-        inline: list[XattrEntryInfo] = []
+        inline: list[tuple[bytes, bytes]] = []
         name_filter = 0
         xsize = 0
         if rec.xattrs:
             inline_size = 0
             for pair in rec.xattrs:
-                info = infos[pair]
-                name_filter |= info.filter_bit
-                if info.shared_offset >= 0 and len(shared) < LCFS_MAX_SHARED_XATTRS:
+                ki = get_key_info(pair[0]) or split_key(pair[0])
+                name_filter |= ki[2]
+                info = get_shared(pair)
+                if info is not None and len(shared) < LCFS_MAX_SHARED_XATTRS:
                     shared.append(info)
                 else:
-                    inline.append(info)
-                    inline_size += len(info.raw)
+                    inline.append(pair)
+                    inline_size += (7 + len(ki[1]) + len(pair[1])) & ~3
             xsize = 12 + 4 * len(shared) + inline_size
             name_filter = _U32 & ~name_filter
 
@@ -322,9 +306,21 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
         else:
             i_size = 0
 
-        plans.append(InodePlan(start >> 5, compact, datalayout, i_size, start - pos, xsize,
-                               shared, inline, name_filter, tail, n_blocks, dir_chunks,
-                               chunkbits))
+        rec.nid = start >> 5
+        rec.compact = compact
+        rec.datalayout = datalayout
+        rec.i_size = i_size
+        rec.i_u = 0
+        rec.pad = start - pos
+        rec.xattr_size = xsize
+        rec.shared = shared
+        rec.inline = inline
+        rec.name_filter = name_filter
+        rec.tail = tail
+        rec.n_blocks = n_blocks
+        rec.first_block = 0
+        rec.dir_chunks = dir_chunks
+        rec.chunkbits = chunkbits
         n_data_blocks += n_blocks
         pos = start + isz + xsize + tail
 
@@ -333,19 +329,19 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
 
     # --- data blocks in BFS order, i_u ---------------------------------------------------------
     block = data_start // EROFS_BLKSIZ
-    for rec, plan in zip(records, plans):
+    for rec in records:
         ftype = rec.mode & S_IFMT
         if ftype == S_IFCHR or ftype == S_IFBLK:
-            plan.i_u = rec.rdev & _U32
+            rec.i_u = rec.rdev & _U32
         elif ftype == S_IFDIR or ftype == S_IFREG or ftype == S_IFLNK:
-            if plan.n_blocks:
-                plan.first_block = block
-                plan.i_u = block & _U32
-                block += plan.n_blocks
-            if plan.datalayout == EROFS_INODE_CHUNK_BASED:
-                plan.i_u = (plan.i_u & 0xFFFF0000) | (plan.chunkbits - 12)
+            if rec.n_blocks:
+                rec.first_block = block
+                rec.i_u = block & _U32
+                block += rec.n_blocks
+            if rec.datalayout == EROFS_INODE_CHUNK_BASED:
+                rec.i_u = (rec.i_u & 0xFFFF0000) | (rec.chunkbits - 12)
 
-    return ImagePlan(records=records, inodes=plans, shared_table=shared_table,
+    return ImagePlan(records=records, key_info=key_info, shared_table=shared_table,
                      shared_size=shared_size, inodes_end=inodes_end, data_start=data_start,
                      n_data_blocks=n_data_blocks, build_time=build_time,
                      build_time_nsec=build_time_nsec, has_acl=has_acl)

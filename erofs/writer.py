@@ -32,6 +32,7 @@ from .format import (
     LCFS_EROFS_MAGIC,
     LCFS_EROFS_VERSION,
     SUPER_BLOCK,
+    XATTR_ENTRY,
     XATTR_IBODY_HEADER,
 )
 from .layout import INODES_START, ImagePlan, InodeRecord, plan_image
@@ -75,7 +76,6 @@ def _pack_dirents(out: bytearray, offset: int, dirents: list[tuple[bytes, int]],
 def emit_image(plan: ImagePlan, version: int) -> bytearray:
     """The complete image for ``plan`` with ``composefs_version`` = ``version``."""
     records = plan.records
-    inodes = plan.inodes
     out = bytearray(plan.image_size)
 
     COMPOSEFS_HEADER.pack_into(out, 0, LCFS_EROFS_MAGIC, LCFS_EROFS_VERSION,
@@ -84,12 +84,12 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
         out, EROFS_SUPER_OFFSET,
         EROFS_SUPER_MAGIC_V1, 0,
         EROFS_FEATURE_COMPAT_MTIME | EROFS_FEATURE_COMPAT_XATTR_FILTER,
-        EROFS_BLKSIZ_BITS, 0, inodes[0].nid,
+        EROFS_BLKSIZ_BITS, 0, records[0].nid,
         len(records), plan.build_time & _U64, plan.build_time_nsec & _U32,
         plan.image_size // EROFS_BLKSIZ, 0, plan.inodes_end // EROFS_BLKSIZ,
         b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0, b"")
 
-    nids = [ip.nid for ip in inodes]
+    nids = [rec.nid for rec in records]
     ftypes = [_FILE_TYPES.get(r.mode & S_IFMT, EROFS_FT_UNKNOWN) for r in records]
     shared_base = plan.inodes_end % EROFS_BLKSIZ
     for info in plan.shared_table:
@@ -98,49 +98,55 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
     pack_compact = INODE_COMPACT.pack_into
     pack_extended = INODE_EXTENDED.pack_into
     pack_ihdr = XATTR_IBODY_HEADER.pack_into
+    pack_entry = XATTR_ENTRY.pack_into
+    key_info = plan.key_info
 
     pos = INODES_START
-    for ino, (rec, ip) in enumerate(zip(records, inodes)):
-        p = pos + ip.pad
+    for ino, rec in enumerate(records):
+        p = pos + rec.pad
         if p & 31:
             raise InternalError(f"inode {ino} not slot aligned")
-        fmt = ip.datalayout << 1
-        icount = (ip.xattr_size - 12) // 4 + 1 if ip.xattr_size else 0
-        if ip.compact:
+        fmt = rec.datalayout << 1
+        icount = (rec.xattr_size - 12) // 4 + 1 if rec.xattr_size else 0
+        if rec.compact:
             pack_compact(out, p, fmt, icount, rec.mode & _U16, rec.nlink & _U16,
-                         ip.i_size & _U32, 0, ip.i_u, ino, rec.uid & _U16,
+                         rec.i_size & _U32, 0, rec.i_u, ino, rec.uid & _U16,
                          rec.gid & _U16, 0)
             p += 32
         else:
-            pack_extended(out, p, fmt | 1, icount, rec.mode & _U16, 0, ip.i_size & _U64,
-                          ip.i_u, ino, rec.uid & _U32, rec.gid & _U32,
+            pack_extended(out, p, fmt | 1, icount, rec.mode & _U16, 0, rec.i_size & _U64,
+                          rec.i_u, ino, rec.uid & _U32, rec.gid & _U32,
                           rec.mtime_sec & _U64, rec.mtime_nsec & _U32, rec.nlink & _U32, b"")
             p += 64
-        if ip.xattr_size:
-            pack_ihdr(out, p, ip.name_filter, len(ip.shared), b"")
+        if rec.xattr_size:
+            pack_ihdr(out, p, rec.name_filter, len(rec.shared), b"")
             p += 12
-            shared = ip.shared
+            shared = rec.shared
             if shared:
                 refs = shared[0].ref if len(shared) == 1 else b"".join(i.ref for i in shared)
                 out[p:p + len(refs)] = refs
                 p += len(refs)
-            for info in ip.inline:
-                raw = info.raw
-                out[p:p + len(raw)] = raw
-                p += len(raw)
-        if ip.tail:
+            for key, value in rec.inline:
+                index, suffix, _ = key_info[key]
+                pack_entry(out, p, len(suffix), index, len(value))
+                p += 4
+                out[p:p + len(suffix)] = suffix
+                p += len(suffix)
+                out[p:p + len(value)] = value
+                p = (p + len(value) + 3) & ~3
+        if rec.tail:
             ftype = rec.mode & S_IFMT
             if ftype == S_IFDIR:
-                start, end = ip.dir_chunks[-1]
+                start, end = rec.dir_chunks[-1]
                 p = _pack_dirents(out, p, rec.dirents, start, end, nids, ftypes)  # type: ignore[arg-type]
             elif rec.external:
-                out[p:p + ip.tail] = b"\xff" * ip.tail
-                p += ip.tail
+                out[p:p + rec.tail] = b"\xff" * rec.tail
+                p += rec.tail
             else:
                 data = rec.data
                 assert data is not None
-                out[p:p + ip.tail] = data[len(data) - ip.tail:]
-                p += ip.tail
+                out[p:p + rec.tail] = data[len(data) - rec.tail:]
+                p += rec.tail
         pos = p
 
     if (pos + 31) & ~31 != plan.inodes_end:
@@ -154,26 +160,26 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
         raise InternalError("shared xattr table size mismatch")
 
     block_end = plan.data_start
-    for rec, ip in zip(records, inodes):
-        if not ip.n_blocks:
+    for rec in records:
+        if not rec.n_blocks:
             continue
-        offset = ip.first_block * EROFS_BLKSIZ
+        offset = rec.first_block * EROFS_BLKSIZ
         if offset != block_end:
-            raise InternalError(f"data block {ip.first_block} out of order")
+            raise InternalError(f"data block {rec.first_block} out of order")
         ftype = rec.mode & S_IFMT
         if ftype == S_IFDIR:
-            for b in range(ip.n_blocks):
-                start, end = ip.dir_chunks[b]
+            for b in range(rec.n_blocks):
+                start, end = rec.dir_chunks[b]
                 _pack_dirents(out, offset + b * EROFS_BLKSIZ, rec.dirents, start, end,  # type: ignore[arg-type]
                               nids, ftypes)
-        elif ftype == S_IFREG and ip.datalayout == EROFS_INODE_CHUNK_BASED:
+        elif ftype == S_IFREG and rec.datalayout == EROFS_INODE_CHUNK_BASED:
             out[offset:offset + EROFS_BLKSIZ] = b"\xff" * EROFS_BLKSIZ
         else:
             data = rec.data
             assert data is not None
             first = data[:EROFS_BLKSIZ]  # mkcomposefs writes only the first block
             out[offset:offset + len(first)] = first
-        block_end = offset + ip.n_blocks * EROFS_BLKSIZ
+        block_end = offset + rec.n_blocks * EROFS_BLKSIZ
     if block_end != len(out):
         raise InternalError("data area size mismatch")
     return out

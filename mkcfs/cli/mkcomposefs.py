@@ -104,21 +104,21 @@ def _main(argv: list[str]) -> int:
     if image_path not in (None, "-"):
         common.check_output_dir(image_path)
 
-    if from_file:
-        from ..dumpfile import parse_dumpfile
-        data = common.read_input(source)
-        root = parse_dumpfile(data, strict="CFS_PARSE_STRICT" in os.environ,
-                              source="<stdin>" if source == "-" else source)
-    else:
+    def load_tree():
+        if from_file:
+            from ..dumpfile import parse_dumpfile
+            return parse_dumpfile(common.read_input(source),
+                                  strict="CFS_PARSE_STRICT" in os.environ,
+                                  source="<stdin>" if source == "-" else source)
         from ..walk import WalkOptions, walk_directory
-        root = walk_directory(source, WalkOptions(
+        return walk_directory(source, WalkOptions(
             use_epoch="use-epoch" in opts, skip_devices="skip-devices" in opts,
             skip_xattrs="skip-xattrs" in opts, user_xattrs="user-xattrs" in opts,
             hardlinks="hardlinks" in opts, threads=threads,
             digest_store=opts.get("digest-store")))
 
-    from ..image import build_image, write_atomically
-    image = build_image(root, min_version=min_version, max_version=max_version)
+    from ..image import build_image_from, write_atomically
+    image = build_image_from(load_tree, min_version=min_version, max_version=max_version)
 
     if image_path == "-":
         common.write_stdout(image.data)
