@@ -1,0 +1,382 @@
+"""``composefs-info``: look inside composefs images (drop-in for composefs-info 1.0.8).
+
+Usage::
+
+    composefs-info [--basedir=PATH] [--filter=NAME]... {ls|dump|objects|missing-objects} IMAGE...
+    composefs-info measure-file FILE...
+
+* ``ls``: one line per entry below the root: the path (``/`` appended and a TAB for directories),
+  ``TAB -> target`` for symlinks, ``TAB @ backing-path`` for files stored in the object store;
+  hard links (second and later names of an inode) are printed as the bare path.
+* ``dump``: the tree as composefs-dump(5) text; ``mkcomposefs --from-file`` reads it back.
+* ``objects``: the sorted, de-duplicated backing paths of all images' external files.
+* ``missing-objects``: the same, minus those present under ``--basedir`` (without
+  ``--basedir``, paths are looked up relative to the directory open as standard input, as the C
+  tool does).
+* ``measure-file``: the fs-verity digest of each FILE: from the kernel when the file has fs-verity
+  enabled, computed otherwise (an empty file digests as libcomposefs computes it).
+* ``--filter=NAME`` (repeatable) keeps only the root entries called NAME.
+
+Output is byte-identical to composefs-info 1.0.8, including the quirks of its reader (see
+``mkcfs.unflatten``). A damaged or hostile image ends in one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import os
+import struct
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from ..errors import CfsError
+from . import common
+
+PROG = "composefs-info"
+USAGE = (f"usage: {PROG} [--basedir=path] [ls|objects|dump|missing-objects|measure-file] "
+         "IMAGES...\n")
+_LONG_OPTIONS = ("basedir", "filter")
+
+#: FS_IOC_MEASURE_VERITY = _IOWR('f', 134, struct fsverity_digest) (4-byte header)
+FS_IOC_MEASURE_VERITY = (3 << 30) | (4 << 16) | (ord("f") << 8) | 134
+_MAX_DIGEST_SIZE = 64
+
+
+class _Exit(Exception):
+    """Leave with this status after the message already written (no further output)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _err(message: str, err: int | None = None) -> NoReturn:
+    """Like C ``err``/``errx``: ``composefs-info: message[: strerror]``, exit 1."""
+    if err is not None:
+        message = f"{message}: {os.strerror(err)}"
+    raise CfsError(message)
+
+
+def _usage_exit(message: str | None) -> NoReturn:
+    if message is not None:
+        sys.stderr.write(message)
+    sys.stderr.write(USAGE)
+    raise _Exit(1)
+
+
+def _getopt_error(message: str) -> NoReturn:
+    """getopt_long's '?' case: the C tool prints ``Def`` on stdout, then the usage."""
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stdout.write("Def\n")
+    sys.stdout.flush()
+    _usage_exit(None)
+
+
+def _parse_args(argv: list[str]) -> tuple[str | None, list[bytes], list[str]]:
+    """getopt_long(argc, argv, "", {basedir, filter}) with GNU argument permutation."""
+    basedir: str | None = None
+    filters: list[bytes] = []
+    positional: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            positional.extend(argv[i:])
+            break
+        if arg.startswith("--"):
+            body = arg[2:]
+            name, eq, value = body.partition("=")
+            matches = [o for o in _LONG_OPTIONS if o.startswith(name)] if name else []
+            if name in _LONG_OPTIONS:
+                matches = [name]
+            if len(matches) != 1:
+                if len(matches) > 1:
+                    _getopt_error(f"option '--{name}' is ambiguous; possibilities: "
+                                  + " ".join("'--" + m + "'" for m in matches))
+                _getopt_error(f"unrecognized option '--{body}'")
+            option = matches[0]
+            if not eq:
+                if i >= len(argv):
+                    _getopt_error(f"option '--{option}' requires an argument")
+                value = argv[i]
+                i += 1
+            if option == "basedir":
+                basedir = value
+            else:
+                if "/" in value:
+                    _err(f"Filter must be a single name: {value}", 0)
+                filters.append(os.fsencode(value))
+        elif arg.startswith("-") and arg != "-":
+            _getopt_error(f"invalid option -- '{arg[1]}'")
+        else:
+            positional.append(arg)
+    return basedir, filters, positional
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.run(PROG, "", _main_wrapper, argv)
+
+
+def _main_wrapper(argv: list[str]) -> int:
+    try:
+        return _main(argv)
+    except _Exit as exc:
+        return exc.status
+
+
+def _main(argv: list[str]) -> int:
+    basedir, filters, args = _parse_args(argv)
+    if not args:
+        _usage_exit("No command specified\n")
+    command = args[0]
+    paths = args[1:]
+    if command == "measure-file":
+        return _measure_files(paths)
+    handlers: dict[str, Callable] = {"ls": _Ls, "dump": _Dump, "objects": _Objects,
+                                     "missing-objects": _Objects}
+    handler_cls = handlers.get(command)
+    if handler_cls is None:
+        _err(f"Unknown command '{command}'\n")
+    basedir_fd = 0   # the C tool's global opt_basedir_fd starts at 0 (standard input)
+    if basedir is not None:
+        try:
+            basedir_fd = os.open(basedir, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
+                                 | getattr(os, "O_PATH", 0))
+        except OSError as exc:
+            _err(f"Can't open basedir `{basedir}`\n", exc.errno)
+    try:
+        if not paths:
+            _usage_exit("No image path specified\n")
+        if command == "objects":
+            handler = _Objects(None)
+        elif command == "missing-objects":
+            handler = _Objects(basedir_fd)
+        else:
+            handler = handler_cls()
+        toplevel = filters if filters else None
+        for path in paths:
+            root = _load(path, toplevel)
+            handler(root)
+            del root
+        handler.end()
+    finally:
+        if basedir is not None:
+            os.close(basedir_fd)
+    return 0
+
+
+def _load(path: str, toplevel: list[bytes] | None):
+    """The image's tree as libcomposefs loads it; errors end the program like the C tool."""
+    from erofs.errors import ImageFormatError
+    from erofs.reader import Image
+    from ..unflatten import load_tree
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        _err(f"Failed to open '{path}'", exc.errno or errno.EIO)
+    enabled = gc.isenabled()
+    gc.disable()    # the tree holds no reference cycles worth collecting while it is built
+    try:
+        return load_tree(Image(data), toplevel)
+    except ImageFormatError as exc:
+        _err(f"Failed to load '{path}': {exc}")
+    except MemoryError:
+        raise
+    except Exception as exc:  # pragma: no cover - a reader bug: still one line, no traceback
+        _err(f"Failed to load '{path}': internal error (please report): "
+             f"{type(exc).__name__}: {exc}")
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# --- escaping as print_escaped() does ---------------------------------------------------------
+
+def _escape_table(noescape_space: bool) -> list[bytes]:
+    table = []
+    for b in range(256):
+        if b == 0x5C:
+            table.append(b"\\\\")
+        elif b == 0x0A:
+            table.append(b"\\n")
+        elif b == 0x0D:
+            table.append(b"\\r")
+        elif b == 0x09:
+            table.append(b"\\t")
+        elif (0x20 if noescape_space else 0x21) <= b <= 0x7E:
+            table.append(bytes((b,)))
+        else:
+            table.append(b"\\x%02x" % b)
+    return table
+
+
+_LS_PATH = _escape_table(True)
+_STANDARD = _escape_table(False)
+_LS_PATH_SAFE = bytes(b for b in range(256) if len(_LS_PATH[b]) == 1)
+_STANDARD_SAFE = bytes(b for b in range(256) if len(_STANDARD[b]) == 1)
+
+
+def _esc(data: bytes, table: list[bytes], safe: bytes) -> bytes:
+    if not data.translate(None, safe):
+        return data
+    return b"".join(map(table.__getitem__, data))
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+class _Ls:
+    """``print_node``: every entry below the root, pre-order, children in name order.
+
+    Paths are joined from the names on the stack for each line, so memory stays proportional
+    to the depth (not to the sum of all ancestors' path lengths)."""
+
+    def __call__(self, root) -> None:
+        from ..tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Node
+
+        out: list[bytes] = []
+        write = sys.stdout.buffer.write
+        names: list[bytes] = [b""]
+        stack = [iter(sorted((root.children or {}).items()))]
+        join = b"/".join
+        while stack:
+            for name, entry in stack[-1]:
+                names.append(name)
+                line = _esc(join(names), _LS_PATH, _LS_PATH_SAFE)
+                if isinstance(entry, Node):
+                    ftype = entry.mode & S_IFMT
+                    if ftype == S_IFDIR:
+                        line += b"/\t"
+                    elif ftype == S_IFLNK:
+                        line += b"\t-> " + _esc(entry.payload or b"", _STANDARD, _STANDARD_SAFE)
+                    elif ftype == S_IFREG and entry.payload is not None:
+                        line += b"\t@ " + _esc(entry.payload, _STANDARD, _STANDARD_SAFE)
+                out.append(line + b"\n")
+                if len(out) >= 4096:
+                    write(b"".join(out))
+                    out.clear()
+                if isinstance(entry, Node) and entry.children:
+                    stack.append(iter(sorted(entry.children.items())))
+                    break
+                names.pop()
+            else:
+                stack.pop()
+                names.pop()
+        write(b"".join(out))
+
+    def end(self) -> None:
+        sys.stdout.buffer.flush()
+
+
+class _Dump:
+    """``dump_node``: the composefs-dump(5) text of the tree."""
+
+    def __call__(self, root) -> None:
+        from ..dumpfile import write_dumpfile
+
+        write_dumpfile(root, sys.stdout.buffer)
+
+    def end(self) -> None:
+        sys.stdout.buffer.flush()
+
+
+class _Objects:
+    """``get_objects``: backing paths of regular files, de-duplicated over all images, printed
+    sorted at the end. With a directory fd, only the paths not found under it."""
+
+    def __init__(self, basedir_fd: int | None) -> None:
+        self.basedir_fd = basedir_fd
+        self.objects: set[bytes] = set()
+
+    def __call__(self, root) -> None:
+        from ..tree import S_IFMT, S_IFREG, Node
+
+        objects = self.objects
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            payload = node.payload
+            if (node.mode & S_IFMT) == S_IFREG and payload is not None and payload not in objects:
+                if self.basedir_fd is None or not self._exists(payload):
+                    objects.add(payload)
+            if node.children:
+                stack.extend(child for child in node.children.values() if isinstance(child, Node))
+
+    def _exists(self, payload: bytes) -> bool:
+        rel = payload.lstrip(b"/")
+        try:
+            if rel:
+                os.stat(rel, dir_fd=self.basedir_fd)
+            else:
+                os.fstat(self.basedir_fd)  # fstatat(fd, "", AT_EMPTY_PATH)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def end(self) -> None:
+        out = sys.stdout.buffer
+        out.write(b"".join(p + b"\n" for p in sorted(self.objects)))
+        out.flush()
+
+
+# --- measure-file -----------------------------------------------------------------------------
+
+def _measure_files(paths: list[str]) -> int:
+    if not paths:
+        _usage_exit("No files specified\n")
+    out = sys.stdout.buffer
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            _err(f"Failed to open '{path}'", exc.errno or errno.EIO)
+        try:
+            digest = _fd_get_fsverity(fd)
+        except OSError as exc:
+            out.flush()
+            sys.stderr.write(f"failed to measure '{path}': "
+                             f"{os.strerror(exc.errno or errno.EIO)}")
+            raise _Exit(1) from None
+        finally:
+            os.close(fd)
+        out.write(digest.hex().encode() + b"\n")
+    out.flush()
+    return 0
+
+
+def measure_fsverity(fd: int) -> bytes | None:
+    """The digest the kernel reports for ``fd`` (FS_IOC_MEASURE_VERITY), or None when the file
+    has no fs-verity (or the filesystem does not support it). Other errors raise OSError."""
+    buf = bytearray(struct.pack("<HH", 0, _MAX_DIGEST_SIZE) + bytes(_MAX_DIGEST_SIZE))
+    try:
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY):
+            return None
+        raise
+    _alg, size = struct.unpack_from("<HH", buf)
+    if size != 32:
+        raise OSError(errno.EILSEQ, "file has fs-verity with a digest that is not SHA-256")
+    return bytes(buf[4:4 + size])
+
+
+def _fd_get_fsverity(fd: int) -> bytes:
+    """``lcfs_fd_get_fsverity``: the kernel's digest, else computed from the file's data."""
+    from fsverity import digest_file
+
+    digest = measure_fsverity(fd)
+    if digest is not None:
+        return digest
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        return digest_file(fd, empty_as_zero_block=True)
+    except OSError:
+        raise OSError(errno.ENODATA, os.strerror(errno.ENODATA)) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
