@@ -4,17 +4,27 @@ Public API::
 
     from mkcfs import parse_dumpfile, build_image
     image = build_image(parse_dumpfile(text))   # bytes identical to mkcomposefs 1.0.8
+
+Names are imported on first use, so the command-line tools load only what they need.
 """
 
-from .image import BuiltImage, build_image, write_atomically
-from .tree import HardLink, Node
+from __future__ import annotations
 
-__all__ = ["BuiltImage", "HardLink", "Node", "build_image", "write_atomically", "parse_dumpfile"]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "BuiltImage": "image", "build_image": "image", "write_atomically": "image",
+    "HardLink": "tree", "Node": "tree",
+    "parse_dumpfile": "dumpfile", "format_dumpfile": "dumpfile",
+}
+__all__ = sorted(_EXPORTS)
 
-def __getattr__(name: str):
-    if name == "parse_dumpfile":
-        from .dumpfile import parse_dumpfile
-        return parse_dumpfile
-    raise AttributeError(name)
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mkcfs' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

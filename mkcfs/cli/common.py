@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import Callable, Sequence
 
+from erofs.errors import ImageFormatError
+
 from ..errors import CfsError
 from ..gcpause import gc_paused
 
@@ -116,7 +118,7 @@ def _run(prog: str, usage: str, body: Callable[[list[str]], int], argv: Sequence
         if exc.usage:
             sys.stderr.write(usage)
         return 1
-    except CfsError as exc:
+    except (CfsError, ImageFormatError) as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
         return 1
     except BrokenPipeError:
