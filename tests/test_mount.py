@@ -31,6 +31,7 @@ from mkcfs.image import build_image
 from mkcfs.mount import MountOptions, mount_image, umount
 
 from . import treegen
+from .privileges import CAP_SYS_ADMIN, become_nobody, drop_capabilities, run_forked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -660,49 +661,19 @@ def test_errors_are_one_line(small: Built, tmp_path: Path, capsys: pytest.Captur
         one_line(capsys.readouterr().err)
 
 
-def _drop_cap_sys_admin() -> None:
-    """preexec: stay uid 0 but lose CAP_SYS_ADMIN, also across execve (bounding set)."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(24, 21, 0, 0, 0) != 0:           # PR_CAPBSET_DROP, CAP_SYS_ADMIN
-        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-    data = (ctypes.c_uint32 * 6)()
-    if libc.capget(header, data) != 0:
-        raise OSError(ctypes.get_errno(), "capget")
-    bit = 1 << 21                                   # CAP_SYS_ADMIN
-    data[0] &= ~bit                                 # effective
-    data[1] &= ~bit                                 # permitted
-    data[2] &= ~bit                                 # inheritable
-    if libc.capset(header, data) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
-
-
-def _drop_to_nobody() -> None:
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
-
-
 @needs_mounts
 @pytest.mark.parametrize("how", ["no-cap-sys-admin", "nobody"])
 def test_not_root(small: Built, tmp_path: Path, how: str) -> None:
+    """Without CAP_SYS_ADMIN (or as nobody) the tool refuses with one line and mounts nothing.
+    Runs in a forked child of this interpreter, so nobody need not be able to exec python."""
     mnt = mnt_dir(tmp_path)
     os.chmod(tmp_path, 0o755)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from mkcfs.cli.mount_composefs import main; sys.exit(main(sys.argv[2:]))")
-    preexec = _drop_cap_sys_admin if how == "no-cap-sys-admin" else _drop_to_nobody
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(REPO), "-o",
-                               f"basedir={small.objects}", str(small.path), str(mnt)],
-                              capture_output=True, text=True, preexec_fn=preexec, cwd="/")
-    except PermissionError as exc:
-        pytest.skip(f"user nobody cannot run {sys.executable}: {exc}")
+    drop = (lambda: drop_capabilities(CAP_SYS_ADMIN)) if how == "no-cap-sys-admin" else become_nobody
+    code, err = run_forked(
+        lambda: mount_main(["-o", f"basedir={small.objects}", str(small.path), str(mnt)]), drop)
     with mounted(mnt):
-        if how == "nobody" and proc.returncode != 0 and "superuser" not in proc.stderr:
-            pytest.skip(f"user nobody cannot run the code here: {proc.stderr[-300:]}")
-        assert proc.returncode == 1, proc.stderr
-        line = one_line(proc.stderr)
+        assert code == 1, err
+        line = one_line(err)
         assert "superuser" in line
         assert not os.path.ismount(mnt)
 
