@@ -32,6 +32,7 @@ What the tree holds after parsing (only what can reach an image):
 from __future__ import annotations
 
 import binascii
+import codecs
 import re
 from binascii import unhexlify
 from typing import BinaryIO
@@ -83,6 +84,11 @@ for _hi in _HEX:
 del _hi, _lo
 
 
+#: A backslash not followed by one of the five escapes this format knows.
+_SUSPECT_ESCAPE = re.compile(rb"\\(?![\\nrt]|x[0-9a-fA-F]{2})").search
+_escape_decode = codecs.escape_decode  # type: ignore[attr-defined]
+
+
 def _escape_error(token: bytes) -> str:
     """The C parser's message for the first escape it cannot decode."""
     if len(token) == 1:
@@ -101,6 +107,16 @@ def unescape(field: bytes) -> bytes:
     for a bad escape."""
     if b"\\" not in field:
         return field
+    if _SUSPECT_ESCAPE(field) is None:
+        # Only escapes of our five kinds: the C codec decodes exactly these the same way, ~5x
+        # faster. Anything else (or a false alarm, e.g. after an escaped backslash) goes the
+        # exact way below, which also words the error.
+        return _escape_decode(field)[0]
+    return unescape_exact(field)
+
+
+def unescape_exact(field: bytes) -> bytes:
+    """``unescape`` token by token, with the C parser's error messages (the reference path)."""
     parts = _ESCAPE_SPLIT(field)
     try:
         parts[1::2] = [_UNESCAPES[t] for t in parts[1::2]]
@@ -392,6 +408,8 @@ def _parse(data: bytes, strict: bool, source: str) -> Node:
     u32_cache: dict[bytes, int] = {}
     u64_cache: dict[bytes, int] = {}
     mtime_cache: dict[bytes, tuple[int, int]] = {}
+    xattr_cache: dict[bytes, dict[bytes, bytes]] = {}
+    xattr_cache_get = xattr_cache.get
     mode_get = mode_cache.get
     u32_get = u32_cache.get
     u64_get = u64_cache.get
@@ -556,7 +574,14 @@ def _parse(data: bytes, strict: bool, source: str) -> Node:
             if not xattr_text:
                 xattrs = {}
             elif b" " in xattr_text or b"\\" in xattr_text or len(xattr_text) > 32000:
-                xattrs = _parse_xattrs(xattr_text)
+                # real trees repeat the same few label sets: parse each text once (each node
+                # still gets a dict of its own)
+                cached = xattr_cache_get(xattr_text)
+                if cached is None:
+                    cached = _parse_xattrs(xattr_text)
+                    if len(xattr_cache) < 4096 and len(xattr_text) < 1024:
+                        xattr_cache[xattr_text] = cached
+                xattrs = cached.copy()
             else:  # one plain KEY=VALUE, well within the budget
                 xkey, eq, xvalue = xattr_text.partition(b"=")
                 if eq and xkey and len(xkey) <= XATTR_NAME_MAX:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -892,3 +893,16 @@ def test_format_parse_roundtrip(root):
     again = parse_dumpfile(text, strict=True)
     assert snapshot(again) == snapshot(root)
     assert format_dumpfile(again) == text
+
+
+@given(st.lists(st.sampled_from([b"\\", b"x", b"n", b"r", b"t", b"a", b"0", b"F", b"g", b"\\\\",
+                                 b"\\x4", b"\\x41", b" ", b"\xff"]), max_size=10).map(b"".join))
+def test_fast_unescape_agrees_with_the_exact_path(field):
+    from mkcfs.dumpfile import unescape_exact
+    try:
+        expected = unescape_exact(field)
+    except ValueError as exc:
+        with pytest.raises(ValueError, match=re.escape(str(exc))):
+            unescape(field)
+    else:
+        assert unescape(field) == expected
