@@ -37,19 +37,19 @@ from erofs.format import (EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE,
 from erofs.format import INODE_COMPACT, INODE_EXTENDED, XATTR_ENTRY
 from erofs.reader import INLINE_CONTENT_MAX, PATH_MAX, Image, WorkBudget
 
+from . import overlay
 from .tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, HardLink, Node
 
 __all__ = ["load_tree", "load_tree_from_file", "ImageFormatError"]
 
-_OVERLAY = b"trusted.overlay."
-_ESCAPED = b"trusted.overlay.overlay."
-_REDIRECT = b"trusted.overlay.redirect"
-_METACOPY = b"trusted.overlay.metacopy"
-_ESCAPED_WHITEOUT = b"trusted.overlay.overlay.whiteout"
-_ESCAPED_WHITEOUTS = b"trusted.overlay.overlay.whiteouts"
+_OVERLAY = overlay.OVERLAY_PREFIX
+_ESCAPED = overlay.ESCAPED_PREFIX
+_REDIRECT = overlay.REDIRECT
+_METACOPY = overlay.METACOPY
+_ESCAPED_WHITEOUT = overlay.ESCAPED_WHITEOUT
+_ESCAPED_WHITEOUTS = overlay.ESCAPED_WHITEOUTS
 #: markers the writer adds and the reader drops without a trace.
-_DROPPED = frozenset((b"trusted.overlay.overlay.whiteouts", b"user.overlay.whiteout",
-                      b"user.overlay.whiteouts"))
+_DROPPED = frozenset((overlay.ESCAPED_WHITEOUTS, overlay.USER_WHITEOUT, overlay.USER_WHITEOUTS))
 _TRUSTED_LEN = len(b"trusted.")
 _OVERLAY_LEN = len(_OVERLAY)
 _NAME_MAX = 255          # LCFS_MAX_NAME_LENGTH

@@ -16,6 +16,14 @@ from ..errors import CfsError
 from ..gcpause import gc_paused
 
 
+class ExitStatus(Exception):
+    """Leave with this status; whatever had to be said was already written."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 class UsageError(CfsError):
     """A bad command line; ``usage`` asks for the usage text after the message."""
 
@@ -113,6 +121,8 @@ def run(prog: str, usage: str, body: Callable[[list[str]], int],
 def _run(prog: str, usage: str, body: Callable[[list[str]], int], argv: Sequence[str]) -> int:
     try:
         return body(list(argv))
+    except ExitStatus as exc:
+        return exc.status
     except UsageError as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
         if exc.usage:

@@ -28,12 +28,6 @@ PROG = "composefs-dump"
 USAGE = f"usage: {PROG} SRC DEST\n"
 
 
-class _Exit(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 def _err(message: str, err: int | None = None) -> NoReturn:
     if err is not None:
         message = f"{message}: {os.strerror(err)}"
@@ -41,24 +35,17 @@ def _err(message: str, err: int | None = None) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.run(PROG, "", _main_wrapper, argv)
-
-
-def _main_wrapper(argv: list[str]) -> int:
-    try:
-        return _main(argv)
-    except _Exit as exc:
-        return exc.status
+    return common.run(PROG, "", _main, argv)
 
 
 def _main(argv: list[str]) -> int:
     if not argv:
         sys.stderr.write("No source path specified\n" + USAGE)
-        raise _Exit(1)
+        raise common.ExitStatus(1)
     src = argv[0]
     if len(argv) < 2:
         sys.stderr.write("No destination path specified\n" + USAGE)
-        raise _Exit(1)
+        raise common.ExitStatus(1)
     dst = argv[1]
 
     from erofs.errors import ImageFormatError

@@ -44,14 +44,6 @@ FS_IOC_MEASURE_VERITY = (3 << 30) | (4 << 16) | (ord("f") << 8) | 134
 _MAX_DIGEST_SIZE = 64
 
 
-class _Exit(Exception):
-    """Leave with this status after the message already written (no further output)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 def _err(message: str, err: int | None = None) -> NoReturn:
     """Like C ``err``/``errx``: ``composefs-info: message[: strerror]``, exit 1."""
     if err is not None:
@@ -63,7 +55,7 @@ def _usage_exit(message: str | None) -> NoReturn:
     if message is not None:
         sys.stderr.write(message)
     sys.stderr.write(USAGE)
-    raise _Exit(1)
+    raise common.ExitStatus(1)
 
 
 def _getopt_error(message: str) -> NoReturn:
@@ -117,14 +109,7 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[bytes], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.run(PROG, "", _main_wrapper, argv)
-
-
-def _main_wrapper(argv: list[str]) -> int:
-    try:
-        return _main(argv)
-    except _Exit as exc:
-        return exc.status
+    return common.run(PROG, "", _main, argv)
 
 
 def _main(argv: list[str]) -> int:
@@ -340,7 +325,7 @@ def _measure_files(paths: list[str]) -> int:
             out.flush()
             sys.stderr.write(f"failed to measure '{path}': "
                              f"{os.strerror(exc.errno or errno.EIO)}")
-            raise _Exit(1) from None
+            raise common.ExitStatus(1) from None
         finally:
             os.close(fd)
         out.write(digest.hex().encode() + b"\n")
