@@ -24,7 +24,7 @@ import pytest
 
 from mkcfs.cli import composefs_dump, composefs_info
 
-from .conftest import CONFORMANCE
+from .conftest import CONFORMANCE, load_conformance_cases
 from .test_reader import CASES, conformance_image, golden_image, golden_rows, image_of
 
 REFERENCE = {
@@ -458,3 +458,29 @@ def test_composefs_dump_errors(tmp_path, capsysbinary):
     bad.write_bytes(bytes(v2))
     rc, out, err = dump_tool([bad, tmp_path / "out"], capsysbinary)
     assert rc == 1 and err.startswith(b"composefs-dump: cannot write file: Invalid argument")
+
+
+# --- the dump round trip through the command line ------------------------------------------------
+
+_ROUNDTRIP_CASES = [c for c in load_conformance_cases() if not c.must_fail]
+
+
+@pytest.mark.skipif(not _ROUNDTRIP_CASES, reason=f"conformance corpus not found at {CONFORMANCE}")
+@pytest.mark.parametrize("case", _ROUNDTRIP_CASES, ids=[c.name for c in _ROUNDTRIP_CASES])
+def test_writer_order_dump_rebuilds_the_same_image(case, tmp_path, monkeypatch, capsysbinary):
+    """image -> composefs-info --writer-order dump -> mkcomposefs --from-file: the same bytes."""
+    from mkcfs.cli.composefs_info import main as info_main
+    from mkcfs.cli.mkcomposefs import main as mk_main
+
+    monkeypatch.delenv("CFS_PARSE_STRICT", raising=False)
+    src = tmp_path / "in.dump"
+    src.write_bytes(case.read_input())
+    image = tmp_path / "a.img"
+    assert mk_main([*case.args, "--from-file", str(src), str(image)]) == 0
+    capsysbinary.readouterr()
+    assert info_main(["--writer-order", "dump", str(image)]) == 0
+    dump = tmp_path / "a.dump"
+    dump.write_bytes(capsysbinary.readouterr().out)
+    again = tmp_path / "b.img"
+    assert mk_main([*case.args, "--from-file", str(dump), str(again)]) == 0
+    assert again.read_bytes() == image.read_bytes()

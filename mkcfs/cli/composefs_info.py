@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import gc
 import os
 import struct
 import sys
 from typing import Callable, NoReturn, Sequence
 
 from ..errors import CfsError
+from ..gcpause import gc_paused
 from . import common
 
 PROG = "composefs-info"
 USAGE = (f"usage: {PROG} [--basedir=path] [ls|objects|dump|missing-objects|measure-file] "
          "IMAGES...\n")
-_LONG_OPTIONS = ("basedir", "filter")
+_LONG_OPTIONS = ("basedir", "filter", "writer-order")
+#: options that take no argument (an extension of ours: 1.0.8 has none)
+_FLAG_OPTIONS = ("writer-order",)
 
 #: FS_IOC_MEASURE_VERITY = _IOWR('f', 134, struct fsverity_digest) (4-byte header)
 FS_IOC_MEASURE_VERITY = (3 << 30) | (4 << 16) | (ord("f") << 8) | 134
@@ -66,8 +68,10 @@ def _getopt_error(message: str) -> NoReturn:
     _usage_exit(None)
 
 
-def _parse_args(argv: list[str]) -> tuple[str | None, list[bytes], list[str]]:
-    """getopt_long(argc, argv, "", {basedir, filter}) with GNU argument permutation."""
+def _parse_args(argv: list[str]) -> tuple[str | None, list[bytes], list[str], bool]:
+    """getopt_long(argc, argv, "", {basedir, filter}) with GNU argument permutation, plus our
+    ``--writer-order`` flag."""
+    writer_order = False
     basedir: str | None = None
     filters: list[bytes] = []
     positional: list[str] = []
@@ -90,6 +94,11 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[bytes], list[str]]:
                                   + " ".join("'--" + m + "'" for m in matches))
                 _getopt_error(f"unrecognized option '--{body}'")
             option = matches[0]
+            if option in _FLAG_OPTIONS:
+                if eq:
+                    _getopt_error(f"option '--{option}' doesn't allow an argument")
+                writer_order = True
+                continue
             if not eq:
                 if i >= len(argv):
                     _getopt_error(f"option '--{option}' requires an argument")
@@ -105,7 +114,7 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[bytes], list[str]]:
             _getopt_error(f"invalid option -- '{arg[1]}'")
         else:
             positional.append(arg)
-    return basedir, filters, positional
+    return basedir, filters, positional, writer_order
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    basedir, filters, args = _parse_args(argv)
+    basedir, filters, args, writer_order = _parse_args(argv)
     if not args:
         _usage_exit("No command specified\n")
     command = args[0]
@@ -143,7 +152,7 @@ def _main(argv: list[str]) -> int:
             handler = handler_cls()
         toplevel = filters if filters else None
         for path in paths:
-            root = _load(path, toplevel)
+            root = _load(path, toplevel, "writer" if writer_order else "first")
             handler(root)
             del root
         handler.end()
@@ -153,8 +162,11 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _load(path: str, toplevel: list[bytes] | None):
-    """The image's tree as libcomposefs loads it; errors end the program like the C tool."""
+def _load(path: str, toplevel: list[bytes] | None, hardlinks: str = "first"):
+    """The image's tree as libcomposefs loads it (``hardlinks="first"``: a hard-linked inode sits
+    at the first name met depth first), or with every inode where the writer numbered it
+    (``"writer"``, so that a dump rebuilds the identical image); errors end the program like the
+    C tool."""
     from erofs.errors import ImageFormatError
     from erofs.reader import Image
     from ..unflatten import load_tree
@@ -164,10 +176,9 @@ def _load(path: str, toplevel: list[bytes] | None):
             data = f.read()
     except OSError as exc:
         _err(f"Failed to open '{path}'", exc.errno or errno.EIO)
-    enabled = gc.isenabled()
-    gc.disable()    # the tree holds no reference cycles worth collecting while it is built
     try:
-        return load_tree(Image(data), toplevel)
+        with gc_paused():
+            return load_tree(Image(data), toplevel, hardlinks=hardlinks)
     except ImageFormatError as exc:
         _err(f"Failed to load '{path}': {exc}")
     except MemoryError:
@@ -175,9 +186,6 @@ def _load(path: str, toplevel: list[bytes] | None):
     except Exception as exc:  # pragma: no cover - a reader bug: still one line, no traceback
         _err(f"Failed to load '{path}': internal error (please report): "
              f"{type(exc).__name__}: {exc}")
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # --- escaping as print_escaped() does ---------------------------------------------------------
