@@ -11,14 +11,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 from erofs.errors import InternalError
 from erofs.layout import LayoutError
 from erofs.writer import build_image as _emit
-from fsverity import digest_bytes
 
 from .errors import BuildInputError
 from .gcpause import gc_paused
@@ -38,6 +36,8 @@ class BuiltImage:
 
     def fsverity_digest(self) -> bytes:
         """The image's fs-verity digest (what ``--print-digest`` prints)."""
+        from fsverity import digest_bytes  # only when asked: hashlib costs ~6 ms to import
+
         return digest_bytes(self.data)
 
 
@@ -115,6 +115,8 @@ def write_atomically(path: str, data: bytes | bytearray, mode: int = 0o666,
     write to the same path removes. With ``durable`` the data is fsync'ed before the rename
     (survives a power cut, costs ~10 ms/MB here); mkcomposefs 1.0.8 never syncs, and neither
     does the CLI by default."""
+    import tempfile  # ~3 ms of imports, needed only here
+
     remove_stale_temporaries(path)
     directory, prefix = _temp_prefix(path)
     while True:
