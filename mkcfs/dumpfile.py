@@ -139,7 +139,12 @@ def _unescape_field(field: bytes, what: str, cstring: bool) -> bytes:
     return value
 
 
-def _escape_table(equal: bool) -> tuple[list[bytes], bytes]:
+def escape_table(*, equal: bool = False, space: bool = False) -> tuple[list[bytes], bytes]:
+    """``(table, safe)`` for composefs's ``print_escaped``: ``table[b]`` is how byte ``b`` is
+    written; ``safe`` lists the bytes written as themselves. ``\\`` LF CR TAB get their escapes,
+    bytes outside 0x21..0x7E become ``\\xhh`` (``space`` keeps 0x20 literal, as ``ls`` paths do;
+    ``equal`` also escapes ``=``, as xattrs need)."""
+    low = 0x20 if space else 0x21
     table = []
     for b in range(256):
         if b == 0x5C:
@@ -150,7 +155,7 @@ def _escape_table(equal: bool) -> tuple[list[bytes], bytes]:
             table.append(b"\\r")
         elif b == 0x09:
             table.append(b"\\t")
-        elif (b == 0x3D and equal) or not 0x21 <= b <= 0x7E:
+        elif (b == 0x3D and equal) or not low <= b <= 0x7E:
             table.append(b"\\x%02x" % b)
         else:
             table.append(bytes((b,)))
@@ -158,8 +163,15 @@ def _escape_table(equal: bool) -> tuple[list[bytes], bytes]:
     return table, safe
 
 
-_ESC_STD, _SAFE_STD = _escape_table(False)
-_ESC_EQ, _SAFE_EQ = _escape_table(True)
+_ESC_STD, _SAFE_STD = escape_table()
+_ESC_EQ, _SAFE_EQ = escape_table(equal=True)
+
+
+def escape_with(data: bytes, table: list[bytes], safe: bytes) -> bytes:
+    """Escape ``data`` with a table from :func:`escape_table` (no copy when nothing changes)."""
+    if not data.translate(None, safe):
+        return data
+    return b"".join(map(table.__getitem__, data))
 
 
 def escape(data: bytes, *, equal: bool = False, lone_dash: bool = False) -> bytes:
@@ -171,12 +183,8 @@ def escape(data: bytes, *, equal: bool = False, lone_dash: bool = False) -> byte
     if lone_dash and data == b"-":
         return b"\\x2d"
     if equal:
-        if not data.translate(None, _SAFE_EQ):
-            return data
-        return b"".join(map(_ESC_EQ.__getitem__, data))
-    if not data.translate(None, _SAFE_STD):
-        return data
-    return b"".join(map(_ESC_STD.__getitem__, data))
+        return escape_with(data, _ESC_EQ, _SAFE_EQ)
+    return escape_with(data, _ESC_STD, _SAFE_STD)
 
 
 def _show(data: bytes, limit: int = 300) -> str:

@@ -8,7 +8,7 @@ import errno
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from erofs.errors import ImageFormatError
 
@@ -76,6 +76,32 @@ def parse_long_options(argv: Sequence[str], options: dict[str, bool]
                 raise UsageError(f"option '--{full}' doesn't allow an argument", usage=True)
             opts[full] = ""
     return opts, args
+
+
+def fail(message: str, err: int | None = None) -> NoReturn:
+    """Like C ``err``/``errx``: end with ``prog: message[: strerror(err)]`` and exit 1."""
+    if err is not None:
+        message = f"{message}: {os.strerror(err)}"
+    raise CfsError(message)
+
+
+def load_image_tree(path: str, data: bytes, *, toplevel: list[bytes] | None = None,
+                    hardlinks: str = "first"):
+    """The tree of the image ``data`` read from ``path`` (see ``mkcfs.unflatten.load_tree``);
+    a damaged image ends the program with one line, ``Failed to load 'PATH': …``."""
+    from erofs.reader import Image
+
+    from ..unflatten import load_tree
+
+    try:
+        return load_tree(Image(data), toplevel, hardlinks=hardlinks)
+    except ImageFormatError as exc:
+        fail(f"Failed to load '{path}': {exc}")
+    except MemoryError:
+        raise
+    except Exception as exc:  # pragma: no cover - a reader bug: still one line, no traceback
+        fail(f"Failed to load '{path}': internal error (please report): "
+             f"{type(exc).__name__}: {exc}")
 
 
 def read_input(source: str) -> bytes:

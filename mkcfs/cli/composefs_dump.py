@@ -19,19 +19,13 @@ import errno
 import os
 import stat
 import sys
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 from ..errors import CfsError
 from . import common
 
 PROG = "composefs-dump"
 USAGE = f"usage: {PROG} SRC DEST\n"
-
-
-def _err(message: str, err: int | None = None) -> NoReturn:
-    if err is not None:
-        message = f"{message}: {os.strerror(err)}"
-    raise CfsError(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,43 +42,32 @@ def _main(argv: list[str]) -> int:
         raise common.ExitStatus(1)
     dst = argv[1]
 
-    from erofs.errors import ImageFormatError
     from erofs.format import LCFS_EROFS_MAGIC, LCFS_EROFS_VERSION
-    from erofs.reader import Image
 
     from ..image import build_image
-    from ..unflatten import load_tree
 
     try:
         with open(src, "rb") as f:
             data = f.read()
     except OSError as exc:
-        _err(f"Failed to open '{src}'", exc.errno or errno.EIO)
+        common.fail(f"Failed to open '{src}'", exc.errno or errno.EIO)
     # lcfs_version_from_fd: the 32-byte header must carry the composefs magic and version 1
     if (len(data) < 32 or int.from_bytes(data[0:4], "little") != LCFS_EROFS_MAGIC
             or int.from_bytes(data[4:8], "little") != LCFS_EROFS_VERSION):
-        _err(f"Failed to get image version '{src}'", errno.EINVAL)
+        common.fail(f"Failed to get image version '{src}'", errno.EINVAL)
     version = int.from_bytes(data[12:16], "little")
     if version >= 1 << 31:          # a negative int in the C tool
-        _err(f"Failed to get image version '{src}'", errno.EINVAL)
-    try:
-        root = load_tree(Image(data), hardlinks="writer")
-    except ImageFormatError as exc:
-        _err(f"Failed to load '{src}': {exc}")
-    except MemoryError:
-        raise
-    except Exception as exc:  # pragma: no cover - a reader bug: still one line, no traceback
-        _err(f"Failed to load '{src}': internal error (please report): "
-             f"{type(exc).__name__}: {exc}")
+        common.fail(f"Failed to get image version '{src}'", errno.EINVAL)
+    root = common.load_image_tree(src, data, hardlinks="writer")
     del data
     try:
         image = build_image(root, min_version=version, max_version=version)
     except CfsError as exc:
-        _err(str(exc))
+        common.fail(str(exc))
     except MemoryError:
         raise
     except Exception as exc:  # pragma: no cover - a writer bug on an odd tree
-        _err(f"cannot write file: internal error (please report): {type(exc).__name__}: {exc}")
+        common.fail(f"cannot write file: internal error (please report): {type(exc).__name__}: {exc}")
     _write(dst, image.data)
     return 0
 
@@ -99,9 +82,9 @@ def _write(path: str, data: bytes | bytearray) -> None:
     except FileNotFoundError:
         st = None
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            _err(f"failed to open '{path}'", errno.ENOENT)
+            common.fail(f"failed to open '{path}'", errno.ENOENT)
     except OSError as exc:
-        _err(f"failed to open '{path}'", exc.errno or errno.EIO)
+        common.fail(f"failed to open '{path}'", exc.errno or errno.EIO)
     try:
         if st is None or stat.S_ISREG(st.st_mode):
             write_atomically(os.path.realpath(path), data)
@@ -109,9 +92,9 @@ def _write(path: str, data: bytes | bytearray) -> None:
             with open(path, "wb") as f:
                 f.write(data)
     except IsADirectoryError as exc:
-        _err(f"failed to open '{path}'", exc.errno)
+        common.fail(f"failed to open '{path}'", exc.errno)
     except OSError as exc:
-        _err("cannot write file", exc.errno or errno.EIO)
+        common.fail("cannot write file", exc.errno or errno.EIO)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,8 +30,7 @@ import struct
 import sys
 from typing import Callable, NoReturn, Sequence
 
-from ..errors import CfsError
-from ..gcpause import gc_paused
+from ..dumpfile import escape_table, escape_with
 from . import common
 
 PROG = "composefs-info"
@@ -44,13 +43,6 @@ _FLAG_OPTIONS = ("writer-order",)
 #: FS_IOC_MEASURE_VERITY = _IOWR('f', 134, struct fsverity_digest) (4-byte header)
 FS_IOC_MEASURE_VERITY = (3 << 30) | (4 << 16) | (ord("f") << 8) | 134
 _MAX_DIGEST_SIZE = 64
-
-
-def _err(message: str, err: int | None = None) -> NoReturn:
-    """Like C ``err``/``errx``: ``composefs-info: message[: strerror]``, exit 1."""
-    if err is not None:
-        message = f"{message}: {os.strerror(err)}"
-    raise CfsError(message)
 
 
 def _usage_exit(message: str | None) -> NoReturn:
@@ -108,7 +100,7 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[bytes], list[str], bo
                 basedir = value
             else:
                 if "/" in value:
-                    _err(f"Filter must be a single name: {value}", 0)
+                    common.fail(f"Filter must be a single name: {value}", 0)
                 filters.append(os.fsencode(value))
         elif arg.startswith("-") and arg != "-":
             _getopt_error(f"invalid option -- '{arg[1]}'")
@@ -133,14 +125,14 @@ def _main(argv: list[str]) -> int:
                                      "missing-objects": _Objects}
     handler_cls = handlers.get(command)
     if handler_cls is None:
-        _err(f"Unknown command '{command}'\n")
+        common.fail(f"Unknown command '{command}'\n")
     basedir_fd = 0   # the C tool's global opt_basedir_fd starts at 0 (standard input)
     if basedir is not None:
         try:
             basedir_fd = os.open(basedir, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
                                  | getattr(os, "O_PATH", 0))
         except OSError as exc:
-            _err(f"Can't open basedir `{basedir}`\n", exc.errno)
+            common.fail(f"Can't open basedir `{basedir}`\n", exc.errno)
     try:
         if not paths:
             _usage_exit("No image path specified\n")
@@ -167,57 +159,18 @@ def _load(path: str, toplevel: list[bytes] | None, hardlinks: str = "first"):
     at the first name met depth first), or with every inode where the writer numbered it
     (``"writer"``, so that a dump rebuilds the identical image); errors end the program like the
     C tool."""
-    from erofs.errors import ImageFormatError
-    from erofs.reader import Image
-    from ..unflatten import load_tree
-
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        _err(f"Failed to open '{path}'", exc.errno or errno.EIO)
-    try:
-        with gc_paused():
-            return load_tree(Image(data), toplevel, hardlinks=hardlinks)
-    except ImageFormatError as exc:
-        _err(f"Failed to load '{path}': {exc}")
-    except MemoryError:
-        raise
-    except Exception as exc:  # pragma: no cover - a reader bug: still one line, no traceback
-        _err(f"Failed to load '{path}': internal error (please report): "
-             f"{type(exc).__name__}: {exc}")
+        common.fail(f"Failed to open '{path}'", exc.errno or errno.EIO)
+    return common.load_image_tree(path, data, toplevel=toplevel, hardlinks=hardlinks)
 
 
 # --- escaping as print_escaped() does ---------------------------------------------------------
 
-def _escape_table(noescape_space: bool) -> list[bytes]:
-    table = []
-    for b in range(256):
-        if b == 0x5C:
-            table.append(b"\\\\")
-        elif b == 0x0A:
-            table.append(b"\\n")
-        elif b == 0x0D:
-            table.append(b"\\r")
-        elif b == 0x09:
-            table.append(b"\\t")
-        elif (0x20 if noescape_space else 0x21) <= b <= 0x7E:
-            table.append(bytes((b,)))
-        else:
-            table.append(b"\\x%02x" % b)
-    return table
-
-
-_LS_PATH = _escape_table(True)
-_STANDARD = _escape_table(False)
-_LS_PATH_SAFE = bytes(b for b in range(256) if len(_LS_PATH[b]) == 1)
-_STANDARD_SAFE = bytes(b for b in range(256) if len(_STANDARD[b]) == 1)
-
-
-def _esc(data: bytes, table: list[bytes], safe: bytes) -> bytes:
-    if not data.translate(None, safe):
-        return data
-    return b"".join(map(table.__getitem__, data))
+_LS_PATH, _LS_PATH_SAFE = escape_table(space=True)
+_STANDARD, _STANDARD_SAFE = escape_table()
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -239,15 +192,16 @@ class _Ls:
         while stack:
             for name, entry in stack[-1]:
                 names.append(name)
-                line = _esc(join(names), _LS_PATH, _LS_PATH_SAFE)
+                line = escape_with(join(names), _LS_PATH, _LS_PATH_SAFE)
                 if isinstance(entry, Node):
                     ftype = entry.mode & S_IFMT
                     if ftype == S_IFDIR:
                         line += b"/\t"
                     elif ftype == S_IFLNK:
-                        line += b"\t-> " + _esc(entry.payload or b"", _STANDARD, _STANDARD_SAFE)
+                        line += b"\t-> " + escape_with(entry.payload or b"", _STANDARD,
+                                                        _STANDARD_SAFE)
                     elif ftype == S_IFREG and entry.payload is not None:
-                        line += b"\t@ " + _esc(entry.payload, _STANDARD, _STANDARD_SAFE)
+                        line += b"\t@ " + escape_with(entry.payload, _STANDARD, _STANDARD_SAFE)
                 out.append(line + b"\n")
                 if len(out) >= 4096:
                     write(b"".join(out))
@@ -326,7 +280,7 @@ def _measure_files(paths: list[str]) -> int:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            _err(f"Failed to open '{path}'", exc.errno or errno.EIO)
+            common.fail(f"Failed to open '{path}'", exc.errno or errno.EIO)
         try:
             digest = _fd_get_fsverity(fd)
         except OSError as exc:
