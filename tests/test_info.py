@@ -395,7 +395,9 @@ def test_measure_file(tmp_path, capsysbinary):
 
 def test_measure_verity_ioctl_request():
     # _IOWR('f', 134, struct fsverity_digest): the value in linux/fsverity.h
-    assert composefs_info.FS_IOC_MEASURE_VERITY == 0xC0046686
+    from fsverity.kernel import FS_IOC_MEASURE_VERITY
+
+    assert FS_IOC_MEASURE_VERITY == 0xC0046686
 
 
 # --- composefs-dump ------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ Output is byte-identical to composefs-info 1.0.8, including the quirks of its re
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import struct
 import sys
 from typing import Callable, NoReturn, Sequence
+
+from fsverity.kernel import measure_verity
 
 from ..dumpfile import escape_table, escape_with
 from . import common
@@ -40,9 +40,6 @@ _LONG_OPTIONS = ("basedir", "filter", "writer-order")
 #: options that take no argument (an extension of ours: 1.0.8 has none)
 _FLAG_OPTIONS = ("writer-order",)
 
-#: FS_IOC_MEASURE_VERITY = _IOWR('f', 134, struct fsverity_digest) (4-byte header)
-FS_IOC_MEASURE_VERITY = (3 << 30) | (4 << 16) | (ord("f") << 8) | 134
-_MAX_DIGEST_SIZE = 64
 
 
 def _usage_exit(message: str | None) -> NoReturn:
@@ -298,17 +295,15 @@ def _measure_files(paths: list[str]) -> int:
 def measure_fsverity(fd: int) -> bytes | None:
     """The digest the kernel reports for ``fd`` (FS_IOC_MEASURE_VERITY), or None when the file
     has no fs-verity (or the filesystem does not support it). Other errors raise OSError."""
-    buf = bytearray(struct.pack("<HH", 0, _MAX_DIGEST_SIZE) + bytes(_MAX_DIGEST_SIZE))
     try:
-        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+        _algorithm, digest = measure_verity(fd)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY):
             return None
         raise
-    _alg, size = struct.unpack_from("<HH", buf)
-    if size != 32:
+    if len(digest) != 32:
         raise OSError(errno.EILSEQ, "file has fs-verity with a digest that is not SHA-256")
-    return bytes(buf[4:4 + size])
+    return digest
 
 
 def _fd_get_fsverity(fd: int) -> bytes:

@@ -15,6 +15,8 @@ import errno
 import os
 import struct
 
+from fsverity.kernel import FS_VERITY_HASH_ALG_SHA256, measure_verity
+
 
 # --------------------------------------------------------------------------------------------
 # system calls
@@ -84,11 +86,6 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-class _FsverityDigest(ctypes.Structure):
-    _fields_ = [("digest_algorithm", ctypes.c_uint16), ("digest_size", ctypes.c_uint16),
-                ("digest", ctypes.c_uint8 * 64)]
-
-
 def _syscall_numbers() -> dict[str, int]:
     """The new mount API's syscall numbers for this machine (unified numbering since 5.2, with
     the usual offsets on alpha and mips)."""
@@ -103,18 +100,6 @@ def _syscall_numbers() -> dict[str, int]:
     return {k: v + base for k, v in numbers.items()}
 
 
-def _ioc_wr(type_: int, nr: int, size: int) -> int:
-    """``_IOWR(type, nr, size)`` in this machine's ioctl encoding."""
-    machine = os.uname().machine
-    if machine.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
-        read, write, dirshift = 2, 4, 29
-    else:
-        read, write, dirshift = 2, 1, 30
-    return ((read | write) << dirshift) | (size << 16) | (type_ << 8) | nr
-
-
-_FS_IOC_MEASURE_VERITY = _ioc_wr(ord("f"), 134, 4)
-_FS_VERITY_HASH_ALG_SHA256 = 1
 
 
 class _Kernel:
@@ -227,17 +212,16 @@ def _close(fd: int) -> None:
 def _measure_kernel(fd: int) -> bytes | None:
     """The file's fs-verity digest from the kernel, or None when the file has none (or the
     kernel/filesystem cannot tell)."""
-    arg = _FsverityDigest(0, 64)
     try:
-        _kernel().ioctl(fd, _FS_IOC_MEASURE_VERITY, ctypes.byref(arg))
+        algorithm, digest = measure_verity(fd)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL,
                          errno.ENOSYS, errno.EOVERFLOW):
             return None
         raise
-    if arg.digest_algorithm != _FS_VERITY_HASH_ALG_SHA256:
+    if algorithm != FS_VERITY_HASH_ALG_SHA256:
         return b""   # a digest, but not one comparable with a composefs (sha256) digest
-    return bytes(arg.digest[:arg.digest_size])
+    return digest
 
 
 def _loop_device(image_fd: int, image_name: str, cleanup: contextlib.ExitStack) -> tuple[int, str]:
