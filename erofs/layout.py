@@ -92,25 +92,16 @@ _PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
 class XattrEntryInfo:
-    """What the writer needs of one distinct (key, value) pair: its encoded entry (header, name
-    suffix, value, zero padding to 4 bytes), its name-filter bit and, if it is shared, its offset
-    in the shared table."""
+    """One shared (key, value) pair: its encoded entry (header, name suffix, value, zero padding
+    to 4 bytes), its offset in the shared table, and (set by the writer) its encoded id."""
 
-    __slots__ = ("index", "suffix", "value", "raw", "filter_bit", "shared_offset", "ref")
+    __slots__ = ("raw", "shared_offset", "ref")
 
-    def __init__(self, index: int, suffix: bytes, value: bytes, filter_bit: int) -> None:
-        self.index = index
-        self.suffix = suffix
-        self.value = value
+    def __init__(self, index: int, suffix: bytes, value: bytes, shared_offset: int) -> None:
         self.raw = (_pack_entry_header(len(suffix), index, len(value)) + suffix + value
                     + _PADDING[(len(suffix) + len(value)) & 3])
-        self.filter_bit = filter_bit
-        self.shared_offset = -1
-        self.ref = b""   # encoded shared xattr id, set by the writer for shared entries
-
-    @property
-    def entry_size(self) -> int:
-        return len(self.raw)
+        self.shared_offset = shared_offset
+        self.ref = b""
 
 
 @dataclass(slots=True)
@@ -197,9 +188,8 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
     shared_table = []
     offset = 0
     for pair in shared_pairs:
-        index, suffix, mask = key_info.get(pair[0]) or split_key(pair[0])
-        info = shared_infos[pair] = XattrEntryInfo(index, suffix, pair[1], mask)
-        info.shared_offset = offset
+        index, suffix, _ = key_info.get(pair[0]) or split_key(pair[0])
+        info = shared_infos[pair] = XattrEntryInfo(index, suffix, pair[1], offset)
         offset += len(info.raw)
         shared_table.append(info)
     shared_size = offset

@@ -131,7 +131,6 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
         (name, Node(S_IFCHR | 0o644, 1, root.uid, root.gid, 0, 0, root.mtime_sec,
                     root.mtime_nsec, xattrs=whiteout_xattrs))
         for name in _ROOT_WHITEOUT_NAMES if name not in (root.children or {})]
-    first_synthetic = id(root_whiteouts[0][1]) if root_whiteouts else None
     synthetic = {id(node) for _, node in root_whiteouts}
     overlay_prefix = overlay.OVERLAY_PREFIX
     escape = overlay.escape_overlay_xattrs
@@ -235,7 +234,7 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
     for index, (node, adds) in additions.items():
         rec = records[index]
         rec.xattrs = sorted(_apply(rec.xattrs, adds, root, node).items())  # type: ignore[arg-type]
-    if first_synthetic is not None and selinux is not None and len(selinux) > _SELINUX_MAX:
+    if root_whiteouts and selinux is not None and len(selinux) > _SELINUX_MAX:
         raise WriteError(errno.ERANGE, "security.selinux of the root is too long")
 
     # hard links: follow their chain to the node, which now has its index
