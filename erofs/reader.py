@@ -18,7 +18,7 @@ Robustness rules, for damaged or hostile images:
 * only :class:`ImageFormatError` is raised for malformed input.
 
 The reader performs no composefs policy (overlay xattrs, whiteouts, hard links): that mapping is
-``mkcfs.unflatten``.
+``mkcfs.inspect.unflatten``.
 """
 
 from __future__ import annotations

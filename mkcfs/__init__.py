@@ -16,9 +16,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BuiltImage": "image", "build_image": "image", "write_atomically": "image",
+    "BuiltImage": "build.image", "build_image": "build.image", "write_atomically": "build.image",
     "HardLink": "tree", "Node": "tree",
-    "parse_dumpfile": "dumpfile", "format_dumpfile": "dumpfile",
+    "parse_dumpfile": "sources.dumpfile", "format_dumpfile": "sources.dumpfile",
 }
 __all__ = sorted(_EXPORTS)
 

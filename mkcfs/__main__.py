@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli.mkcomposefs import main
+from mkcfs.cli.mkcomposefs import main
 
 sys.exit(main())

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from mkcfs.cli.mkcomposefs import main
-from mkcfs.dumpfile import parse_dumpfile
-from mkcfs.image import build_image
+from mkcfs.sources.dumpfile import parse_dumpfile
+from mkcfs.build.image import build_image
 
 from .conftest import REPO, TESTDATA
 
@@ -209,7 +209,7 @@ def test_killed_build_never_leaves_a_partial_image(tmp_path):
 def test_live_writers_temporary_is_not_removed(tmp_path):
     import fcntl
 
-    from mkcfs.image import remove_stale_temporaries
+    from mkcfs.build.image import remove_stale_temporaries
 
     target = tmp_path / "o.img"
     live = tmp_path / ".o.img.live.tmp"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import fsverity
-from mkcfs.image import build_image
-from mkcfs.walk import WalkOptions, walk_directory
+from mkcfs.build.image import build_image
+from mkcfs.sources.walk import WalkOptions, walk_directory
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = os.geteuid() == 0
@@ -206,8 +206,8 @@ def test_digest_store_not_writable(src, tmp_path, old_image):
 
 _AS_NOBODY = """
 import os, sys
-import mkcfs.cli.mkcomposefs as cli, mkcfs.walk, mkcfs.store, mkcfs.digests, mkcfs.image
-import mkcfs.progress, mkcfs.dumpfile, concurrent.futures.thread, encodings.idna
+import mkcfs.cli.mkcomposefs as cli, mkcfs.sources.walk, mkcfs.store.objects, mkcfs.store.digests, mkcfs.build.image
+import mkcfs.progress, mkcfs.sources.dumpfile, concurrent.futures.thread, encodings.idna
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -1,4 +1,4 @@
-"""Tests for mkcfs.dumpfile: the composefs-dump(5) parser (mkcomposefs 1.0.8 semantics) and printer
+"""Tests for mkcfs.sources.dumpfile: the composefs-dump(5) parser (mkcomposefs 1.0.8 semantics) and printer
 (composefs-info dump 1.0.8).
 
 Format spec: ../shared/design/composefs-format.md §9.1, §11. The conformance corpus in
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mkcfs.dumpfile import escape, format_dumpfile, parse_dumpfile, unescape, write_dumpfile
+from mkcfs.sources.dumpfile import escape, format_dumpfile, parse_dumpfile, unescape, write_dumpfile
 from mkcfs.errors import DumpfileError
 from mkcfs.tree import HardLink, Node, iter_tree, resolve
 
@@ -898,7 +898,7 @@ def test_format_parse_roundtrip(root):
 @given(st.lists(st.sampled_from([b"\\", b"x", b"n", b"r", b"t", b"a", b"0", b"F", b"g", b"\\\\",
                                  b"\\x4", b"\\x41", b" ", b"\xff"]), max_size=10).map(b"".join))
 def test_fast_unescape_agrees_with_the_exact_path(field):
-    from mkcfs.dumpfile import unescape_exact
+    from mkcfs.sources.dumpfile import unescape_exact
     try:
         expected = unescape_exact(field)
     except ValueError as exc:

@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 
-from mkcfs.dumpfile import parse_dumpfile
-from mkcfs.image import build_image
+from mkcfs.sources.dumpfile import parse_dumpfile
+from mkcfs.build.image import build_image
 
 from .conftest import TESTDATA, fsck_erofs
 

@@ -27,7 +27,7 @@ import pytest
 from fsverity import digest_file, object_path
 from mkcfs import mount as cfsmount
 from mkcfs.cli.mount_composefs import main as mount_main
-from mkcfs.image import build_image
+from mkcfs.build.image import build_image
 from mkcfs.mount import MountOptions, mount_image, umount
 
 from . import treegen
@@ -241,7 +241,7 @@ def test_roundtrip_generated_tree(big: Built, tmp_path: Path,
 @needs_mounts
 def test_roundtrip_via_dumpfile(tmp_path: Path) -> None:
     """A tree that went through composefs-dump(5) text (hard links as ``@`` lines)."""
-    dumpfile = pytest.importorskip("mkcfs.dumpfile", reason="mkcfs.dumpfile not written yet")
+    dumpfile = pytest.importorskip("mkcfs.sources.dumpfile", reason="mkcfs.sources.dumpfile not written yet")
     tree = treegen.generate(3, bulk=200, large=100_000)
     text = dumpfile.format_dumpfile(tree.root)
     assert b" @" in text
@@ -689,7 +689,7 @@ def _mkcomposefs(*argv: str | os.PathLike[str]) -> None:
 
 
 def _need_walk() -> None:
-    pytest.importorskip("mkcfs.walk", reason="mkcfs.walk (mkcomposefs DIR IMAGE) not written yet")
+    pytest.importorskip("mkcfs.sources.walk", reason="mkcfs.sources.walk (mkcomposefs DIR IMAGE) not written yet")
 
 
 @needs_mounts

@@ -27,9 +27,9 @@ import pytest
 from erofs.errors import ImageFormatError
 from erofs.reader import Image
 from mkcfs.cli import composefs_dump, composefs_info
-from mkcfs.dumpfile import format_dumpfile, parse_dumpfile
-from mkcfs.image import build_image
-from mkcfs.unflatten import load_tree
+from mkcfs.sources.dumpfile import format_dumpfile, parse_dumpfile
+from mkcfs.build.image import build_image
+from mkcfs.inspect.unflatten import load_tree
 
 REPO = Path(__file__).resolve().parents[1]
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"

@@ -1,4 +1,4 @@
-"""The image reader (erofs.reader) and the image -> tree mapping (mkcfs.unflatten).
+"""The image reader (erofs.reader) and the image -> tree mapping (mkcfs.inspect.unflatten).
 
 * unit tests of ``Image`` on images our writer builds (the worked examples of the format spec);
 * the composefs mapping: overlay xattrs hidden or unescaped, whiteouts, root whiteouts, hard
@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from erofs.errors import ImageFormatError
 from erofs.reader import Image, WorkBudget
-from mkcfs.dumpfile import format_dumpfile, parse_dumpfile
-from mkcfs.image import build_image
+from mkcfs.sources.dumpfile import format_dumpfile, parse_dumpfile
+from mkcfs.build.image import build_image
 from mkcfs.tree import HardLink, Node, iter_tree, resolve
-from mkcfs.unflatten import load_tree
+from mkcfs.inspect.unflatten import load_tree
 
 from .conftest import CONFORMANCE, TESTDATA, load_conformance_cases
 

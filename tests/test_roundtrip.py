@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from mkcfs.dumpfile import format_dumpfile, parse_dumpfile
+from mkcfs.sources.dumpfile import format_dumpfile, parse_dumpfile
 from mkcfs.errors import DumpfileError
-from mkcfs.image import build_image
+from mkcfs.build.image import build_image
 from mkcfs.tree import HardLink, iter_tree, resolve
 
 from .conftest import TESTDATA

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 import fsverity
-from mkcfs import digests, store as store_mod
+from mkcfs.store import digests, objects as store_mod
 from mkcfs.errors import WalkError
-from mkcfs.store import TEMP_PREFIX, ObjectStore
-from mkcfs.walk import WalkOptions, walk_directory
+from mkcfs.store.objects import TEMP_PREFIX, ObjectStore
+from mkcfs.sources.walk import WalkOptions, walk_directory
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = os.geteuid() == 0

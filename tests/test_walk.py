@@ -1,4 +1,4 @@
-"""The directory walker (mkcfs.walk) and the digest pool (mkcfs.digests) on real trees in tmp_path.
+"""The directory walker (mkcfs.sources.walk) and the digest pool (mkcfs.store.digests) on real trees in tmp_path.
 
 Parts that need root (device nodes, trusted.* xattrs, chown) run when the tests run as root and
 are skipped with a reason otherwise; CI runs them as root.
@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fsverity
-from mkcfs import digests
+from mkcfs.store import digests
 from mkcfs.errors import BuildInputError, WalkError
-from mkcfs.image import build_image
+from mkcfs.build.image import build_image
 from mkcfs.progress import Progress
 from mkcfs.tree import HardLink, Node, iter_tree, resolve
-from mkcfs.walk import WalkOptions, walk_directory
+from mkcfs.sources.walk import WalkOptions, walk_directory
 
 from .privileges import CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, drop_capabilities, run_forked
 
@@ -643,7 +643,7 @@ def _dumpfile_and_tree(base, hardlinks: bool) -> tuple[bytes, str]:
 
 @pytest.mark.parametrize("hardlinks", [False, True], ids=["default", "hardlinks"])
 def test_dumpfile_equivalence(tmp_path, hardlinks):
-    from mkcfs.dumpfile import parse_dumpfile
+    from mkcfs.sources.dumpfile import parse_dumpfile
     dump, src = _dumpfile_and_tree(tmp_path, hardlinks)
     expected = image(parse_dumpfile(dump, strict=False))
     walked = walk_directory(src, WalkOptions(hardlinks=hardlinks, progress=False))

@@ -46,11 +46,11 @@ if str(REPO) not in sys.path:
 
 from erofs.errors import ImageFormatError  # noqa: E402
 from erofs.reader import Image  # noqa: E402
-from mkcfs.dumpfile import format_dumpfile, parse_dumpfile  # noqa: E402
+from mkcfs.sources.dumpfile import format_dumpfile, parse_dumpfile  # noqa: E402
 from mkcfs.errors import CfsError  # noqa: E402
-from mkcfs.image import build_image  # noqa: E402
+from mkcfs.build.image import build_image  # noqa: E402
 from mkcfs.tree import HardLink, Node  # noqa: E402
-from mkcfs.unflatten import load_tree  # noqa: E402
+from mkcfs.inspect.unflatten import load_tree  # noqa: E402
 
 DEFAULT_SAVE_DIR = REPO / "tests" / "regressions"
 

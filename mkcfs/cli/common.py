@@ -12,8 +12,8 @@ from typing import Callable, NoReturn, Sequence
 
 from erofs.errors import ImageFormatError
 
-from ..errors import CfsError
-from ..gcpause import gc_paused
+from mkcfs.errors import CfsError
+from mkcfs.gcpause import gc_paused
 
 
 class ExitStatus(Exception):
@@ -87,11 +87,11 @@ def fail(message: str, err: int | None = None) -> NoReturn:
 
 def load_image_tree(path: str, data: bytes, *, toplevel: list[bytes] | None = None,
                     hardlinks: str = "first"):
-    """The tree of the image ``data`` read from ``path`` (see ``mkcfs.unflatten.load_tree``);
+    """The tree of the image ``data`` read from ``path`` (see ``mkcfs.inspect.unflatten.load_tree``);
     a damaged image ends the program with one line, ``Failed to load 'PATH': …``."""
     from erofs.reader import Image
 
-    from ..unflatten import load_tree
+    from mkcfs.inspect.unflatten import load_tree
 
     try:
         return load_tree(Image(data), toplevel, hardlinks=hardlinks)

@@ -21,8 +21,8 @@ import stat
 import sys
 from typing import Sequence
 
-from ..errors import CfsError
-from . import common
+from mkcfs.errors import CfsError
+from mkcfs.cli import common
 
 PROG = "composefs-dump"
 USAGE = f"usage: {PROG} SRC DEST\n"
@@ -44,7 +44,7 @@ def _main(argv: list[str]) -> int:
 
     from erofs.format import LCFS_EROFS_MAGIC, LCFS_EROFS_VERSION
 
-    from ..image import build_image
+    from mkcfs.build.image import build_image
 
     try:
         with open(src, "rb") as f:
@@ -75,7 +75,7 @@ def _main(argv: list[str]) -> int:
 def _write(path: str, data: bytes | bytearray) -> None:
     """Write the image to ``path``: through a temporary file and a rename for regular files
     (never a partial image), directly for anything else (``/dev/stdout``, a pipe)."""
-    from ..image import write_atomically
+    from mkcfs.build.image import write_atomically
 
     try:
         st = os.stat(path)

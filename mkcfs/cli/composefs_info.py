@@ -18,7 +18,7 @@ Usage::
 * ``--filter=NAME`` (repeatable) keeps only the root entries called NAME.
 
 Output is byte-identical to composefs-info 1.0.8, including the quirks of its reader (see
-``mkcfs.unflatten``). A damaged or hostile image ends in one line on stderr and exit status 1.
+``mkcfs.inspect.unflatten``). A damaged or hostile image ends in one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Callable, NoReturn, Sequence
 
 from fsverity.kernel import measure_verity
 
-from ..dumpfile import escape_table, escape_with
-from . import common
+from mkcfs.sources.dumpfile import escape_table, escape_with
+from mkcfs.cli import common
 
 PROG = "composefs-info"
 USAGE = (f"usage: {PROG} [--basedir=path] [ls|objects|dump|missing-objects|measure-file] "
@@ -179,7 +179,7 @@ class _Ls:
     to the depth (not to the sum of all ancestors' path lengths)."""
 
     def __call__(self, root) -> None:
-        from ..tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Node
+        from mkcfs.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Node
 
         out: list[bytes] = []
         write = sys.stdout.buffer.write
@@ -220,7 +220,7 @@ class _Dump:
     """``dump_node``: the composefs-dump(5) text of the tree."""
 
     def __call__(self, root) -> None:
-        from ..dumpfile import write_dumpfile
+        from mkcfs.sources.dumpfile import write_dumpfile
 
         write_dumpfile(root, sys.stdout.buffer)
 
@@ -237,7 +237,7 @@ class _Objects:
         self.objects: set[bytes] = set()
 
     def __call__(self, root) -> None:
-        from ..tree import S_IFMT, S_IFREG, Node
+        from mkcfs.tree import S_IFMT, S_IFREG, Node
 
         objects = self.objects
         stack = [root]

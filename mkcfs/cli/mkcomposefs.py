@@ -15,7 +15,7 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from . import common
+from mkcfs.cli import common
 
 PROG = "mkcomposefs"
 
@@ -106,18 +106,18 @@ def _main(argv: list[str]) -> int:
 
     def load_tree():
         if from_file:
-            from ..dumpfile import parse_dumpfile
+            from mkcfs.sources.dumpfile import parse_dumpfile
             return parse_dumpfile(common.read_input(source),
                                   strict="CFS_PARSE_STRICT" in os.environ,
                                   source="<stdin>" if source == "-" else source)
-        from ..walk import WalkOptions, walk_directory
+        from mkcfs.sources.walk import WalkOptions, walk_directory
         return walk_directory(source, WalkOptions(
             use_epoch="use-epoch" in opts, skip_devices="skip-devices" in opts,
             skip_xattrs="skip-xattrs" in opts, user_xattrs="user-xattrs" in opts,
             hardlinks="hardlinks" in opts, threads=threads,
             digest_store=opts.get("digest-store")))
 
-    from ..image import build_image_from, write_atomically
+    from mkcfs.build.image import build_image_from, write_atomically
     image = build_image_from(load_tree, min_version=min_version, max_version=max_version)
 
     if image_path == "-":

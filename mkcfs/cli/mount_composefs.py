@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 from typing import NoReturn, Sequence
 
-from .. import mount as cfsmount
-from . import common
+from mkcfs import mount as cfsmount
+from mkcfs.cli import common
 
 PROG = "mount.composefs"
 

@@ -43,7 +43,7 @@ The package, by job:
 
 from __future__ import annotations
 
-from .mounter import (
+from mkcfs.mount.mounter import (
     MOUNT_SOURCE,
     TEMP_PREFIX,
     MountResult,
@@ -52,7 +52,7 @@ from .mounter import (
     mount_image,
     umount,
 )
-from .options import (
+from mkcfs.mount.options import (
     VERITY_OFF,
     VERITY_REQUIRE,
     VERITY_TRY,

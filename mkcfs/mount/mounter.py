@@ -29,7 +29,7 @@ from erofs.format import (
 )
 from fsverity import FsVerityHasher
 
-from .kernel import (
+from mkcfs.mount.kernel import (
     _CLONE_NEWNS,
     _FSCONFIG_CMD_CREATE,
     _FSCONFIG_SET_FD,
@@ -46,7 +46,7 @@ from .kernel import (
     _loop_device,
     _measure_kernel,
 )
-from .options import VERITY_OFF, VERITY_REQUIRE, VERITY_TRY, MountError, MountOptions, _vfs_bits
+from mkcfs.mount.options import VERITY_OFF, VERITY_REQUIRE, VERITY_TRY, MountError, MountOptions, _vfs_bits
 
 #: name prefix of the temporary directories the path-based fallbacks create (and remove).
 TEMP_PREFIX = ".composefs."

@@ -14,8 +14,8 @@ from typing import Iterable, Iterator, Sequence
 
 from fsverity import DIGEST_SIZE
 
-from ..errors import CfsError
-from .kernel import (
+from mkcfs.errors import CfsError
+from mkcfs.mount.kernel import (
     _MOUNT_ATTR_NOATIME,
     _MOUNT_ATTR_NODEV,
     _MOUNT_ATTR_NODIRATIME,

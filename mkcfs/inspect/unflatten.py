@@ -37,8 +37,8 @@ from erofs.format import (EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE,
 from erofs.format import INODE_COMPACT, INODE_EXTENDED, XATTR_ENTRY
 from erofs.reader import INLINE_CONTENT_MAX, PATH_MAX, Image, WorkBudget
 
-from . import overlay
-from .tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, HardLink, Node
+from mkcfs.build import overlay
+from mkcfs.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, HardLink, Node
 
 __all__ = ["load_tree", "load_tree_from_file", "ImageFormatError"]
 

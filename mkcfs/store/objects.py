@@ -39,8 +39,8 @@ import threading
 
 from fsverity import object_path
 
-from .digests import hash_fd, open_source, walk_error
-from .errors import WalkError
+from mkcfs.store.digests import hash_fd, open_source, walk_error
+from mkcfs.errors import WalkError
 
 __all__ = ["ObjectStore", "TEMP_PREFIX", "OBJECT_MODE", "FICLONE", "FS_IOC_ENABLE_VERITY"]
 

@@ -18,10 +18,10 @@ from erofs.errors import InternalError
 from erofs.layout import LayoutError
 from erofs.writer import build_image as _emit
 
-from .errors import BuildInputError
-from .gcpause import gc_paused
-from .flatten import WriteError, choose_version, flatten
-from .tree import Node
+from mkcfs.errors import BuildInputError
+from mkcfs.gcpause import gc_paused
+from mkcfs.build.flatten import WriteError, choose_version, flatten
+from mkcfs.tree import Node
 
 DEFAULT_MIN_VERSION = 0
 DEFAULT_MAX_VERSION = 1

@@ -37,9 +37,9 @@ import re
 from binascii import unhexlify
 from typing import BinaryIO
 
-from .errors import DumpfileError
-from .gcpause import gc_paused
-from .tree import (S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, VALID_TYPES, HardLink,
+from mkcfs.errors import DumpfileError
+from mkcfs.gcpause import gc_paused
+from mkcfs.tree import (S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, VALID_TYPES, HardLink,
                    HardLinkLoopError, Node, iter_tree, resolve)
 
 __all__ = ["parse_dumpfile", "format_dumpfile", "write_dumpfile", "escape", "unescape",

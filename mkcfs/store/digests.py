@@ -7,7 +7,7 @@ or 8 MiB), which worker processes (``concurrent.futures.ProcessPoolExecutor``; t
 processes are not available) read with one large preallocated buffer each, while the walk goes
 on. Why processes and not threads: see ``DigestPool``.
 
-With a digest store (``mkcfs.store.ObjectStore``) a worker hashes and stores a file in one pass.
+With a digest store (``mkcfs.store.objects.ObjectStore``) a worker hashes and stores a file in one pass.
 
 A file must have exactly the size ``lstat`` reported: one that grows, shrinks or vanishes while it
 is read is an error naming the path (``WalkError``), never a wrong digest.
@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Callable
 import fsverity
 from fsverity import FsVerityHasher, object_path
 
-from .errors import WalkError
-from .tree import Node
+from mkcfs.errors import WalkError
+from mkcfs.tree import Node
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .progress import Progress
-    from .store import ObjectStore
+    from mkcfs.progress import Progress
+    from mkcfs.store.objects import ObjectStore
 
 __all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "hash_fd", "open_source", "read_inline",
            "digest_path", "digest_buffer", "walk_error", "Cancelled"]
@@ -223,7 +223,7 @@ def _init_worker(parent: int, store_path: bytes | None, cancel: object) -> None:
         os._exit(1)
     store = None
     if store_path is not None:
-        from .store import ObjectStore
+        from mkcfs.store.objects import ObjectStore
         store = ObjectStore(store_path, prepare=False)
     _worker_state = (store, cancel)
 

@@ -18,8 +18,8 @@ as mkcomposefs 1.0.8 given the same directory and options (composefs-format.md Â
   (ERANGE), as in mkcomposefs.
 * Regular files: an empty one is read not at all; one of 1..64 bytes is read and stored inline;
   a larger one gets its fs-verity digest, and payload = its object path ``ab/cdefâ€¦``. Those reads
-  and hashes run on ``threads`` worker processes (``mkcfs.digests``) while the walk goes on;
-  with ``digest_store`` each such file is also put into that object store (``mkcfs.store``).
+  and hashes run on ``threads`` worker processes (``mkcfs.store.digests``) while the walk goes on;
+  with ``digest_store`` each such file is also put into that object store (``mkcfs.store.objects``).
 * **Hard links.** mkcomposefs 1.0.8 does not detect hard links in a directory source: every path
   is a separate inode with nlink 1 (a file with several links is still read only once here). That
   is the default, for byte identity. With ``hardlinks=True``, entries other than directories
@@ -41,11 +41,11 @@ import stat
 from dataclasses import dataclass
 from typing import Union
 
-from .digests import DigestPool, walk_error
-from .errors import BuildInputError, WalkError
-from .overlay import XattrBudget, XattrLimitError
-from .progress import Progress
-from .tree import HardLink, Node
+from mkcfs.store.digests import DigestPool, walk_error
+from mkcfs.errors import BuildInputError, WalkError
+from mkcfs.build.overlay import XattrBudget, XattrLimitError
+from mkcfs.progress import Progress
+from mkcfs.tree import HardLink, Node
 
 __all__ = ["WalkOptions", "walk_directory"]
 
@@ -66,7 +66,7 @@ class WalkOptions:
     """What ``walk_directory`` reads (the mkcomposefs options of the same names).
 
     ``threads``: workers reading and hashing files (None: the CPUs this process may run on;
-    they are processes, see ``mkcfs.digests.DigestPool``). ``digest_store``: object store
+    they are processes, see ``mkcfs.store.digests.DigestPool``). ``digest_store``: object store
     directory to fill, or None. ``progress``: show a progress line on stderr (None: when
     stderr is a terminal)."""
 
@@ -278,7 +278,7 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
 
     store = None
     if options.digest_store is not None:
-        from .store import ObjectStore
+        from mkcfs.store.objects import ObjectStore
         store = ObjectStore(options.digest_store)
 
     # the pool forks its workers: before the progress thread exists, and while we are small

@@ -1,6 +1,6 @@
 """Tree -> flat inode records in the order and form the EROFS writer needs.
 
-This is where the tree meets composefs policy (``mkcfs.overlay``): the format version is chosen,
+This is where the tree meets composefs policy (``mkcfs.build.overlay``): the format version is chosen,
 overlay xattrs are escaped and added, chardev 0/0 whiteouts become escaped whiteout files, the
 root gets its 256 ``00``..``ff`` whiteouts, and every directory gets ``.`` and ``..``. Inodes are
 numbered breadth first from the root, children in bytewise name order, hard links skipped (they
@@ -15,10 +15,10 @@ import os
 from erofs.format import LCFS_MAX_NONINLINE_CHUNKS, chunk_params
 from erofs.layout import InodeRecord
 
-from . import overlay
-from .errors import BuildInputError
-from .overlay import XattrBudget, XattrLimitError
-from .tree import (
+from mkcfs.build import overlay
+from mkcfs.errors import BuildInputError
+from mkcfs.build.overlay import XattrBudget, XattrLimitError
+from mkcfs.tree import (
     S_IFCHR,
     S_IFDIR,
     S_IFLNK,
