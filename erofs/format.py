@@ -170,7 +170,8 @@ ErofsInodeExtended = cs.Struct(
 )
 
 ErofsXattrIbodyHeader = cs.Struct(
-    "h_name_filter" / cs.Int32ul * "bloom filter: bit (xxh32(suffix, seed + index) & 31) clear = may be present",
+    "h_name_filter" / cs.Int32ul
+    * "bloom filter: bit (xxh32(suffix, seed + index) & 31) clear = may be present",
     "h_shared_count" / cs.Int8ul * "number of shared xattr ids that follow the header",
     "h_reserved2" / cs.Bytes(7) * "reserved, zeros",
 )

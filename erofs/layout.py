@@ -268,7 +268,8 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
             if total >= EROFS_BLKSIZ:
                 n_blocks += 1
                 tail = 0
-            extra = (round_up(p, EROFS_BLKSIZ) - p) if p // EROFS_BLKSIZ != (p + total - 1) // EROFS_BLKSIZ else 0
+            crosses = p // EROFS_BLKSIZ != (p + total - 1) // EROFS_BLKSIZ
+            extra = (round_up(p, EROFS_BLKSIZ) - p) if crosses else 0
         else:
             remainder = EROFS_BLKSIZ - ((p + isz + xsize) % EROFS_BLKSIZ)
             extra = 0

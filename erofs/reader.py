@@ -26,7 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from .errors import ImageFormatError
 from .format import (
@@ -233,7 +233,7 @@ class Image:
     # --- opening -----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | bytes | os.PathLike) -> "Image":
+    def open(cls, path: str | bytes | os.PathLike) -> Image:
         """Read the image file at ``path`` (the whole file is read; memory = its size)."""
         with open(path, "rb") as f:
             return cls(f.read())

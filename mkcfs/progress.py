@@ -47,7 +47,7 @@ class Progress:
 
     @classmethod
     def for_stream(cls, stream: TextIO | None = None, enabled: bool | None = None
-                   ) -> "Progress | None":
+                   ) -> Progress | None:
         """A started ``Progress`` on ``stream`` (default ``sys.stderr``), or ``None`` when
         ``enabled`` is false, or when it is ``None`` and the stream is not a terminal."""
         stream = sys.stderr if stream is None else stream
@@ -112,7 +112,7 @@ class Progress:
                 pass
             self._shown = False
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

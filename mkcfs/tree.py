@@ -14,7 +14,7 @@ Names, paths, symlink targets, payloads and xattrs are ``bytes`` (Linux file nam
 from __future__ import annotations
 
 import stat
-from typing import Iterator, Union
+from collections.abc import Iterator
 
 S_IFMT = stat.S_IFMT(0o777777)
 S_IFDIR = stat.S_IFDIR
@@ -70,7 +70,8 @@ class Node:
         return (self.mode & S_IFMT) == S_IFDIR
 
     def __repr__(self) -> str:
-        return f"Node(mode={self.mode:o}, size={self.size}, children={None if self.children is None else len(self.children)})"
+        count = None if self.children is None else len(self.children)
+        return f"Node(mode={self.mode:o}, size={self.size}, children={count})"
 
 
 class HardLink:
@@ -85,7 +86,7 @@ class HardLink:
         return f"HardLink({self.target!r})"
 
 
-Entry = Union[Node, HardLink]
+Entry = Node | HardLink
 
 
 class HardLinkLoopError(ValueError):

@@ -12,7 +12,7 @@ import ctypes
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2

@@ -227,7 +227,7 @@ def info(args, capsysbinary) -> tuple[int, bytes, bytes]:
     return rc, out, err
 
 
-def outputs_hash(image_path, capsysbinary, options=()) -> "hashlib._Hash":
+def outputs_hash(image_path, capsysbinary, options=()) -> hashlib._Hash:
     h = hashlib.sha256()
     for cmd in ("ls", "dump", "objects"):
         rc, out, err = info([*options, cmd, image_path], capsysbinary)

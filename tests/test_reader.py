@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -51,7 +51,7 @@ def image_of(dump: bytes | str, **kw) -> bytes:
     return bytes(build_image(parse_dumpfile(dump, strict=True), **kw).data)
 
 
-@lru_cache(maxsize=None)
+@cache
 def conformance_image(name: str) -> tuple[bytes, tuple[tuple[str, int], ...]]:
     """(image bytes built by our writer, version keywords) of a conformance case, cached for the
     session (test_info.py uses it too)."""
@@ -62,7 +62,7 @@ def conformance_image(name: str) -> tuple[bytes, tuple[tuple[str, int], ...]]:
     return data, tuple(kw.items())
 
 
-@lru_cache(maxsize=None)
+@cache
 def golden_image(name: str, args: str) -> bytes:
     return image_of((GOLDEN / name).read_bytes(), **versions(args.split()))
 

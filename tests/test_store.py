@@ -506,7 +506,7 @@ def test_two_builds_fill_one_store_at_once(big_tree, tmp_path):
     procs = [_mkcfs(f"--digest-store={store}", str(big_tree), str(tmp_path / f"{i}.img"))
              for i in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err
         assert err == b""
     assert (tmp_path / "0.img").read_bytes() == (tmp_path / "1.img").read_bytes()

@@ -580,7 +580,8 @@ def _dumpfile_and_tree(base, hardlinks: bool) -> tuple[bytes, str]:
     uid, gid = (1000, 2000) if ROOT else (os.getuid(), os.getgid())
     xattrs_ok = _user_xattrs_supported(base)
     xa = " user.color=blue user.bin=\\x00\\xff" if xattrs_ok else ""
-    op = (lambda d: fsverity.object_path(d))
+    def op(d):
+        return (fsverity.object_path(d))
     lines = [
         f"/ 4096 40755 4 {uid} {gid} 0 1700000000.500000000 - - -{xa}",
         f"/big 70000 100644 {2 if hardlinks else 1} {uid} {gid} 0 1600000000.123456789 "

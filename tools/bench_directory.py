@@ -70,7 +70,7 @@ def main() -> int:
               f"{'peak MB':>8s}")
         for directory in opts.dirs:
             results: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in tools}
-            for name, cmd in tools:   # warm the page cache, and the tools
+            for _name, cmd in tools:   # warm the page cache, and the tools
                 run_once([*cmd, *extra, directory, image], env)
             for _ in range(opts.runs):
                 for name, cmd in tools:

@@ -84,11 +84,11 @@ SEED_DUMPS: list[tuple[str, bytes, dict]] = [
                 + "/d/sub 0 40755 2 0 0 0 0.0 - - -\n"
                 + "/d/sub/x 1 100644 1 0 0 0 0.0 - y -\n"
                 + "/l4095 4095 120777 1 0 0 0 0.0 " + "b" * 4095 + " - -\n").encode(), {}),
-    ("whiteouts-v0", ("/ 0 40755 3 0 0 0 0.0 - - -\n"
-                      "/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque=y\n"
-                      "/d/gone 0 20000 1 0 0 0 0.0 - - -\n"
-                      "/e 0 40755 2 0 0 0 5.5 - - - user.a=1 user.b=2 user.c=3\n"
-                      "/e/f 1 100644 1 70000 70000 0 -1.999999999 - z - user.a=1\n").encode(),
+    ("whiteouts-v0", (b"/ 0 40755 3 0 0 0 0.0 - - -\n"
+                      b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque=y\n"
+                      b"/d/gone 0 20000 1 0 0 0 0.0 - - -\n"
+                      b"/e 0 40755 2 0 0 0 5.5 - - - user.a=1 user.b=2 user.c=3\n"
+                      b"/e/f 1 100644 1 70000 70000 0 -1.999999999 - z - user.a=1\n"),
      {"min_version": 0, "max_version": 0}),
 ]
 
@@ -127,7 +127,7 @@ def _walk_like_ls_and_objects(root: Node) -> None:
     stack = [root]
     while stack:
         node = stack.pop()
-        for name, child in sorted((node.children or {}).items()):
+        for _name, child in sorted((node.children or {}).items()):
             if isinstance(child, Node):
                 stack.append(child)
             else:

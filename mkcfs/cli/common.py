@@ -8,7 +8,8 @@ import errno
 import os
 import signal
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
+from collections.abc import Callable, Sequence
 
 from erofs.errors import ImageFormatError
 
@@ -159,10 +160,8 @@ def _run(prog: str, usage: str, body: Callable[[list[str]], int], argv: Sequence
         return 1
     except BrokenPipeError:
         # stdout closed early (e.g. piped to head): not an error of ours
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        finally:
-            return 1
+        sys.stdout = None  # type: ignore[assignment]
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 128 + signal.SIGINT

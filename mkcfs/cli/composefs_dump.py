@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from mkcfs.errors import CfsError
 from mkcfs.cli import common

@@ -26,7 +26,8 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
+from collections.abc import Callable, Sequence
 
 from fsverity.kernel import measure_verity
 

@@ -13,7 +13,8 @@ with one line ``mount.composefs: <message>`` on stderr and nothing left mounted.
 from __future__ import annotations
 
 import sys
-from typing import NoReturn, Sequence
+from typing import NoReturn
+from collections.abc import Sequence
 
 from mkcfs import mount as cfsmount
 from mkcfs.cli import common

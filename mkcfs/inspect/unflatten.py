@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 from erofs.errors import ImageFormatError
 from erofs.format import (EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE,

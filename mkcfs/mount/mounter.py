@@ -17,7 +17,7 @@ import stat
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from erofs.format import (
     COMPOSEFS_HEADER,
@@ -58,7 +58,7 @@ MOUNT_SOURCE = "composefs"
 # checks
 # --------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_has_fsverity() -> bool:
     """Whether the running kernel was built with fs-verity (``CONFIG_FS_VERITY``).
 

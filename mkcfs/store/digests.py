@@ -25,7 +25,8 @@ from concurrent.futures import (BrokenExecutor, Executor, Future, ProcessPoolExe
                                 ThreadPoolExecutor)
 from functools import partial
 from operator import methodcaller
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import fsverity
 from fsverity import FsVerityHasher, object_path
@@ -206,7 +207,7 @@ def read_inline(path: bytes, size: int) -> bytes:
 
 # -- the work of one batch (in a worker process or thread) -----------------------------------------
 
-_worker_state: tuple["ObjectStore | None", object] | None = None   # (store, cancel) of a process
+_worker_state: tuple[ObjectStore | None, object] | None = None   # (store, cancel) of a process
 
 
 def _init_worker(parent: int, store_path: bytes | None, cancel: object) -> None:
@@ -233,7 +234,7 @@ def _run_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, 
     return run_batch(batch, *_worker_state)
 
 
-def run_batch(batch: list[tuple[bytes, int]], store: "ObjectStore | None",
+def run_batch(batch: list[tuple[bytes, int]], store: ObjectStore | None,
               cancel) -> list[bytes | tuple[bytes, bytes]]:
     """For each ``(path, size)``: the content (size <= 64) or ``(digest, object path)``,
     storing the file in ``store`` if given. Stops with ``Cancelled`` once ``cancel`` is set."""
@@ -286,8 +287,8 @@ class DigestPool:
     file already added (it gets the same results), then ``finish()``; ``abort()`` on failure.
     ``failed`` turns true as soon as a worker hit an error, so the walk can stop early."""
 
-    def __init__(self, workers: int, store: "ObjectStore | None" = None,
-                 progress: "Progress | None" = None, processes: bool | None = None) -> None:
+    def __init__(self, workers: int, store: ObjectStore | None = None,
+                 progress: Progress | None = None, processes: bool | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         #: a ``Progress`` to count hashed files on (may be set after construction)
@@ -315,7 +316,7 @@ class DigestPool:
                                    cancel=self._cancel)
         self.processes = isinstance(self._executor, ProcessPoolExecutor)
 
-    def _start_processes(self, workers: int, store: "ObjectStore | None") -> None:
+    def _start_processes(self, workers: int, store: ObjectStore | None) -> None:
         context = multiprocessing.get_context("fork")
         cancel = context.Event()
         executor = ProcessPoolExecutor(

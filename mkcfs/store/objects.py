@@ -151,7 +151,7 @@ class _Temp:
         while data:
             data = data[os.write(fd, data):]
 
-    def finish(self, store: "ObjectStore", sync: bool) -> None:
+    def finish(self, store: ObjectStore, sync: bool) -> None:
         """Complete the data: mode 0644, fsync (unless the caller syncs a group later), close
         the writer, enable fs-verity. The file keeps its temporary name and its lock."""
         os.fchmod(self.wfd, OBJECT_MODE)
