@@ -1,7 +1,8 @@
-"""``python -m mkcfs`` runs ``mkcomposefs``."""
+"""``python -m mkcfs`` runs the ``mkcfs`` command group (``python -m mkcfs.cli.mkcomposefs`` runs
+``mkcomposefs``)."""
 
 import sys
 
-from mkcfs.cli.mkcomposefs import main
+from mkcfs.cli.mkcfs import main
 
 sys.exit(main())

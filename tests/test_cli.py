@@ -24,9 +24,9 @@ SAMPLE_DIGEST = "142615cdfe64371bc40b19501bceb0a035a6d9d236ea8d2c9f6f75eb53803b9
 
 
 def run_cli(*args: str, stdin: bytes | None = None, env: dict | None = None, **kw):
-    """Run ``python -m mkcfs`` as a user would: a separate process, real stdio."""
+    """Run ``python -m mkcfs.cli.mkcomposefs`` as a user would: a separate process, real stdio."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mkcfs", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "mkcfs.cli.mkcomposefs", *args], input=stdin,
                           capture_output=True, env=env, **kw)
 
 
@@ -74,7 +74,7 @@ def test_stdout_image_followed_by_digest():
 def test_stdout_terminal_is_refused():
     master, slave = pty.openpty()
     try:
-        proc = subprocess.run([sys.executable, "-m", "mkcfs", "--from-file", str(SAMPLE), "-"],
+        proc = subprocess.run([sys.executable, "-m", "mkcfs.cli.mkcomposefs", "--from-file", str(SAMPLE), "-"],
                               stdout=slave, stderr=subprocess.PIPE)
     finally:
         os.close(slave)
@@ -190,7 +190,7 @@ def test_killed_build_never_leaves_a_partial_image(tmp_path):
     target = tmp_path / "o.img"
     target.write_bytes(b"old")
     for delay in (0.05, 0.2, 0.4, 0.6, 0.9):
-        proc = subprocess.Popen([sys.executable, "-m", "mkcfs", "--from-file", str(dump), str(target)],
+        proc = subprocess.Popen([sys.executable, "-m", "mkcfs.cli.mkcomposefs", "--from-file", str(dump), str(target)],
                                 stderr=subprocess.DEVNULL)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

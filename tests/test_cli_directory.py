@@ -1,4 +1,4 @@
-"""``python3 -m mkcfs SOURCE-DIR IMAGE`` end to end: options, digests on stdout, progress on a
+"""``python3 -m mkcfs.cli.mkcomposefs SOURCE-DIR IMAGE`` end to end: options, digests on stdout, progress on a
 terminal, and errors (exit 1, one line on stderr, no traceback, nothing half-written)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mkcfs", *args], cwd=REPO, env=ENV,
+    return subprocess.run([sys.executable, "-m", "mkcfs.cli.mkcomposefs", *args], cwd=REPO, env=ENV,
                           capture_output=True, timeout=120, **kw)
 
 
@@ -265,7 +265,7 @@ def test_progress_line_on_a_terminal(tmp_path):
             f.truncate(300 << 20)
     master, slave = pty.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "mkcfs", "--threads=1", str(src),
+        proc = subprocess.Popen([sys.executable, "-m", "mkcfs.cli.mkcomposefs", "--threads=1", str(src),
                                  str(tmp_path / "out.img")], cwd=REPO, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=slave)
         os.close(slave)

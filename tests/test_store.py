@@ -410,7 +410,7 @@ def test_new_temporary_file_taken_by_a_cleaner_before_its_lock(tmp_path, monkeyp
 
 def _mkcfs(*args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "mkcfs", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "mkcfs.cli.mkcomposefs", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 

@@ -59,7 +59,7 @@ def main() -> int:
     extra = shlex.split(opts.args)
     fd, image = tempfile.mkstemp(prefix="bench-", suffix=".img")
     os.close(fd)
-    tools = [("mkcfs", [opts.python, "-m", "mkcfs"])]
+    tools = [("mkcfs", [opts.python, "-m", "mkcfs.cli.mkcomposefs"])]
     if opts.reference:
         tools.append(("reference", [opts.reference]))
     try:

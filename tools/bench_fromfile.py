@@ -129,7 +129,7 @@ def main() -> int:
         generated.write_bytes(generate_dumpfile(args.entries))
         inputs.append((generated.name, generated))
 
-        ours = [sys.executable, "-m", "mkcfs"]
+        ours = [sys.executable, "-m", "mkcfs.cli.mkcomposefs"]
         for name, path in inputs:
             lines = path.read_bytes().count(b"\n")
             print(f"{name}: {lines} lines")
