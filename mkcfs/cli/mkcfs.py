@@ -27,6 +27,8 @@ PROG = "mkcfs"
 
 #: subcommand -> (module under mkcfs.cli, one-line summary shown by ``mkcfs --help``)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "mount": ("mount", "mount an OCI image or a composefs image (LXC mount helper)"),
+    "umount": ("umount", "unmount what `mkcfs mount` mounted"),
 }
 
 

@@ -44,15 +44,16 @@ The package, by job:
 from __future__ import annotations
 
 from mkcfs.mount.mounter import (
-    MOUNT_SOURCE,
     TEMP_PREFIX,
     MountResult,
     enter_mount_namespace,
+    is_privileged,
     kernel_has_fsverity,
     mount_image,
     umount,
 )
 from mkcfs.mount.options import (
+    MOUNT_SOURCE,
     VERITY_OFF,
     VERITY_REQUIRE,
     VERITY_TRY,
@@ -66,6 +67,7 @@ __all__ = [
     "MountError",
     "MountOptions",
     "MountResult",
+    "is_privileged",
     "kernel_has_fsverity",
     "mount_image",
     "parse_options",

@@ -50,8 +50,6 @@ from mkcfs.mount.options import VERITY_OFF, VERITY_REQUIRE, VERITY_TRY, MountErr
 
 #: name prefix of the temporary directories the path-based fallbacks create (and remove).
 TEMP_PREFIX = ".composefs."
-#: the ``source`` of the overlay mount, as upstream: identifies what made the mount.
-MOUNT_SOURCE = "composefs"
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +111,7 @@ def _read_image_flags(fd: int, image: str) -> int:
     return flags
 
 
-def _is_privileged() -> bool:
+def is_privileged() -> bool:
     """CAP_SYS_ADMIN in the effective set (root usually has it)."""
     try:
         with open("/proc/self/status") as f:
@@ -336,7 +334,7 @@ class _Mounter:
                 _fs_log(fs)
             else:
                 raise _Unsupported(OSError(errno.ENOSYS, "overlayfs without the new mount API"))
-            config("source", MOUNT_SOURCE, unsupported_on_einval=False)
+            config("source", opts.source, unsupported_on_einval=False)
             config("metacopy", "on", unsupported_on_einval=False)
             config("redirect_dir", "on", unsupported_on_einval=False)
             if self.verity != VERITY_OFF:
@@ -392,7 +390,7 @@ class _Mounter:
             if self.verity == VERITY_REQUIRE:
                 parts.append("verity=require")
             try:
-                self.kernel.mount(MOUNT_SOURCE, self.mountpoint, "overlay",
+                self.kernel.mount(opts.source, self.mountpoint, "overlay",
                                   flags | (MS_SILENT if data_only else 0), ",".join(parts))
                 return
             except OSError as exc:
@@ -498,7 +496,7 @@ def mount_image(image: str | os.PathLike[str] | int, mountpoint: str | os.PathLi
         name = image_name or f"fd {image}"
     else:
         name = image_name or os.fspath(image)
-    if not _is_privileged():
+    if not is_privileged():
         raise MountError(errno.EPERM, "must be superuser to mount (needs CAP_SYS_ADMIN)")
     verity = _resolve_verity(options)
     if verity == VERITY_REQUIRE and not kernel_has_fsverity():

@@ -49,6 +49,9 @@ class MountError(CfsError, OSError):
 # options
 # --------------------------------------------------------------------------------------------
 
+#: the default ``source`` of the overlay mount, as upstream: identifies what made the mount.
+MOUNT_SOURCE = "composefs"
+
 #: verity modes: what overlayfs is asked for.
 VERITY_OFF = "off"
 VERITY_TRY = "try"
@@ -92,6 +95,8 @@ class MountOptions:
     erofs_backing: str = "auto"
     erofs_api: str = "auto"
     overlay_api: str = "auto"
+    #: the overlay mount's source (what /proc/self/mountinfo shows); not a ``-o`` option
+    source: str = MOUNT_SOURCE
 
     def validate(self) -> None:
         if not self.basedirs:
@@ -110,6 +115,8 @@ class MountOptions:
             raise MountError(errno.EINVAL, f"bad erofs_api {self.erofs_api!r}")
         if self.overlay_api not in ("auto", "fd", "path", "legacy"):
             raise MountError(errno.EINVAL, f"bad overlay_api {self.overlay_api!r}")
+        if not self.source or len(self.source.encode()) > 255 or "\0" in self.source:
+            raise MountError(errno.EINVAL, f"bad mount source {self.source!r}")
         for name in self.vfs_flags:
             if name not in _VFS_FLAGS:
                 raise MountError(errno.EINVAL, f"Unsupported option {name}")
