@@ -51,22 +51,11 @@ class InodeRecord:
     ``data`` is a symlink target or inline file content. ``external`` marks a regular file whose
     data lives outside the image (chunk-based, described by overlay xattrs).
 
-    ``plan_image`` then records the placement on the same object (one object per inode keeps
-    a 64k-entry build ~10 MB smaller): ``nid``; ``compact`` or extended; ``datalayout``;
-    ``i_size``; ``i_u``; ``pad`` zero bytes before the inode; ``xattr_size``, the ibody size
-    (0: none) made of ``shared`` references (``XattrEntryInfo``) then ``inline`` (key, value)
-    entries, with ``name_filter``;
-    ``tail`` bytes stored inline after it; ``n_blocks`` data blocks from ``first_block``;
-    ``dir_chunks``, a directory's dirent index ranges per block (the last one is the inline tail
-    when ``tail`` > 0); ``chunkbits`` of an external file.
+    The planner never changes a record: its results are ``InodePlan`` objects, one per record.
     """
 
     __slots__ = ("mode", "nlink", "uid", "gid", "rdev", "size", "mtime_sec", "mtime_nsec",
-                 "xattrs", "dirents", "data", "external",
-                 # filled in by plan_image (see there):
-                 "nid", "compact", "datalayout", "i_size", "i_u", "pad", "xattr_size", "shared",
-                 "inline", "name_filter", "tail", "n_blocks", "first_block", "dir_chunks",
-                 "chunkbits")
+                 "xattrs", "dirents", "data", "external")
 
     def __init__(self, mode: int, nlink: int, uid: int, gid: int, rdev: int, size: int,
                  mtime_sec: int, mtime_nsec: int, xattrs: list[tuple[bytes, bytes]],
@@ -105,10 +94,47 @@ class XattrEntryInfo:
 
 
 @dataclass(slots=True)
+class InodePlan:
+    """Where and how one ``InodeRecord`` is stored: the planner's result for it."""
+
+    #: node number: byte offset of the inode / 32
+    nid: int
+    #: 32-byte compact inode (mtime = build time, small ids) or 64-byte extended
+    compact: bool
+    #: EROFS_INODE_FLAT_PLAIN, _FLAT_INLINE or _CHUNK_BASED
+    datalayout: int
+    #: the inode's i_size field
+    i_size: int
+    #: the inode's i_u field: first data block, rdev, or chunk format
+    i_u: int
+    #: zero bytes between the end of the previous inode and this one
+    pad: int
+    #: size of the xattr body (0: none): ibody header, 4-byte shared ids, inline entries
+    xattr_size: int
+    #: shared xattrs referenced by id, in the record's key order
+    shared: list[XattrEntryInfo]
+    #: the other xattrs, stored in the body as (key, value)
+    inline: list[tuple[bytes, bytes]]
+    #: stored (inverted) xattr name bloom filter
+    name_filter: int
+    #: bytes stored inline right after the inode and its xattr body
+    tail: int
+    #: data blocks of the inode, starting at block ``first_block``
+    n_blocks: int
+    first_block: int
+    #: a directory's dirent index ranges per block; the last is the inline tail when ``tail`` > 0
+    dir_chunks: list[tuple[int, int]]
+    #: log2 of the chunk size of an external file (0 for anything else)
+    chunkbits: int
+
+
+@dataclass(slots=True)
 class ImagePlan:
     """Everything the writer needs to emit an image."""
 
     records: list[InodeRecord]
+    #: placement of ``records[i]`` is ``inodes[i]``
+    inodes: list[InodePlan]
     key_info: dict[bytes, tuple[int, bytes, int]]   # xattr key -> (name index, suffix, filter mask)
     shared_table: list[XattrEntryInfo]
     shared_size: int
@@ -201,6 +227,8 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
     # --- per-inode placement -----------------------------------------------------------------
     pos = INODES_START
     n_data_blocks = 0
+    inodes: list[InodePlan] = []
+    add_inode = inodes.append
     for rec in records:
         ftype = rec.mode & S_IFMT
         dir_chunks: list[tuple[int, int]] = _NO_CHUNKS
@@ -252,9 +280,9 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
             for pair in rec.xattrs:
                 ki = get_key_info(pair[0]) or split_key(pair[0])
                 name_filter |= ki[2]
-                info = get_shared(pair)
-                if info is not None and len(shared) < LCFS_MAX_SHARED_XATTRS:
-                    shared.append(info)
+                shared_info = get_shared(pair)
+                if shared_info is not None and len(shared) < LCFS_MAX_SHARED_XATTRS:
+                    shared.append(shared_info)
                 else:
                     inline.append(pair)
                     inline_size += (7 + len(ki[1]) + len(pair[1])) & ~3
@@ -295,21 +323,8 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
         else:
             i_size = 0
 
-        rec.nid = start >> 5
-        rec.compact = compact
-        rec.datalayout = datalayout
-        rec.i_size = i_size
-        rec.i_u = 0
-        rec.pad = start - pos
-        rec.xattr_size = xsize
-        rec.shared = shared
-        rec.inline = inline
-        rec.name_filter = name_filter
-        rec.tail = tail
-        rec.n_blocks = n_blocks
-        rec.first_block = 0
-        rec.dir_chunks = dir_chunks
-        rec.chunkbits = chunkbits
+        add_inode(InodePlan(start >> 5, compact, datalayout, i_size, 0, start - pos, xsize, shared,
+                            inline, name_filter, tail, n_blocks, 0, dir_chunks, chunkbits))
         n_data_blocks += n_blocks
         pos = start + isz + xsize + tail
 
@@ -318,19 +333,19 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
 
     # --- data blocks in BFS order, i_u ---------------------------------------------------------
     block = data_start // EROFS_BLKSIZ
-    for rec in records:
+    for rec, ino in zip(records, inodes):
         ftype = rec.mode & S_IFMT
         if ftype == S_IFCHR or ftype == S_IFBLK:
-            rec.i_u = rec.rdev & _U32
+            ino.i_u = rec.rdev & _U32
         elif ftype == S_IFDIR or ftype == S_IFREG or ftype == S_IFLNK:
-            if rec.n_blocks:
-                rec.first_block = block
-                rec.i_u = block & _U32
-                block += rec.n_blocks
-            if rec.datalayout == EROFS_INODE_CHUNK_BASED:
-                rec.i_u = (rec.i_u & 0xFFFF0000) | (rec.chunkbits - 12)
+            if ino.n_blocks:
+                ino.first_block = block
+                ino.i_u = block & _U32
+                block += ino.n_blocks
+            if ino.datalayout == EROFS_INODE_CHUNK_BASED:
+                ino.i_u = (ino.i_u & 0xFFFF0000) | (ino.chunkbits - 12)
 
-    return ImagePlan(records=records, key_info=key_info, shared_table=shared_table,
+    return ImagePlan(records=records, inodes=inodes, key_info=key_info, shared_table=shared_table,
                      shared_size=shared_size, inodes_end=inodes_end, data_start=data_start,
                      n_data_blocks=n_data_blocks, build_time=build_time,
                      build_time_nsec=build_time_nsec, has_acl=has_acl)

@@ -76,6 +76,7 @@ def _pack_dirents(out: bytearray, offset: int, dirents: list[tuple[bytes, int]],
 def emit_image(plan: ImagePlan, version: int) -> bytearray:
     """The complete image for ``plan`` with ``composefs_version`` = ``version``."""
     records = plan.records
+    inodes = plan.inodes
     out = bytearray(plan.image_size)
 
     COMPOSEFS_HEADER.pack_into(out, 0, LCFS_EROFS_MAGIC, LCFS_EROFS_VERSION,
@@ -84,12 +85,12 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
         out, EROFS_SUPER_OFFSET,
         EROFS_SUPER_MAGIC_V1, 0,
         EROFS_FEATURE_COMPAT_MTIME | EROFS_FEATURE_COMPAT_XATTR_FILTER,
-        EROFS_BLKSIZ_BITS, 0, records[0].nid,
+        EROFS_BLKSIZ_BITS, 0, inodes[0].nid,
         len(records), plan.build_time & _U64, plan.build_time_nsec & _U32,
         plan.image_size // EROFS_BLKSIZ, 0, plan.inodes_end // EROFS_BLKSIZ,
         b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0, b"")
 
-    nids = [rec.nid for rec in records]
+    nids = [ino.nid for ino in inodes]
     ftypes = [_FILE_TYPES.get(r.mode & S_IFMT, EROFS_FT_UNKNOWN) for r in records]
     shared_base = plan.inodes_end % EROFS_BLKSIZ
     for info in plan.shared_table:
@@ -102,31 +103,31 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
     key_info = plan.key_info
 
     pos = INODES_START
-    for ino, rec in enumerate(records):
-        p = pos + rec.pad
+    for number, (rec, ino) in enumerate(zip(records, inodes)):
+        p = pos + ino.pad
         if p & 31:
-            raise InternalError(f"inode {ino} not slot aligned")
-        fmt = rec.datalayout << 1
-        icount = (rec.xattr_size - 12) // 4 + 1 if rec.xattr_size else 0
-        if rec.compact:
+            raise InternalError(f"inode {number} not slot aligned")
+        fmt = ino.datalayout << 1
+        icount = (ino.xattr_size - 12) // 4 + 1 if ino.xattr_size else 0
+        if ino.compact:
             pack_compact(out, p, fmt, icount, rec.mode & _U16, rec.nlink & _U16,
-                         rec.i_size & _U32, 0, rec.i_u, ino, rec.uid & _U16,
+                         ino.i_size & _U32, 0, ino.i_u, number, rec.uid & _U16,
                          rec.gid & _U16, 0)
             p += 32
         else:
-            pack_extended(out, p, fmt | 1, icount, rec.mode & _U16, 0, rec.i_size & _U64,
-                          rec.i_u, ino, rec.uid & _U32, rec.gid & _U32,
+            pack_extended(out, p, fmt | 1, icount, rec.mode & _U16, 0, ino.i_size & _U64,
+                          ino.i_u, number, rec.uid & _U32, rec.gid & _U32,
                           rec.mtime_sec & _U64, rec.mtime_nsec & _U32, rec.nlink & _U32, b"")
             p += 64
-        if rec.xattr_size:
-            pack_ihdr(out, p, rec.name_filter, len(rec.shared), b"")
+        if ino.xattr_size:
+            pack_ihdr(out, p, ino.name_filter, len(ino.shared), b"")
             p += 12
-            shared = rec.shared
+            shared = ino.shared
             if shared:
                 refs = shared[0].ref if len(shared) == 1 else b"".join(i.ref for i in shared)
                 out[p:p + len(refs)] = refs
                 p += len(refs)
-            for key, value in rec.inline:
+            for key, value in ino.inline:
                 index, suffix, _ = key_info[key]
                 pack_entry(out, p, len(suffix), index, len(value))
                 p += 4
@@ -134,19 +135,19 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
                 p += len(suffix)
                 out[p:p + len(value)] = value
                 p = (p + len(value) + 3) & ~3
-        if rec.tail:
+        if ino.tail:
             ftype = rec.mode & S_IFMT
             if ftype == S_IFDIR:
-                start, end = rec.dir_chunks[-1]
+                start, end = ino.dir_chunks[-1]
                 p = _pack_dirents(out, p, rec.dirents, start, end, nids, ftypes)  # type: ignore[arg-type]
             elif rec.external:
-                out[p:p + rec.tail] = b"\xff" * rec.tail
-                p += rec.tail
+                out[p:p + ino.tail] = b"\xff" * ino.tail
+                p += ino.tail
             else:
                 data = rec.data
                 assert data is not None
-                out[p:p + rec.tail] = data[len(data) - rec.tail:]
-                p += rec.tail
+                out[p:p + ino.tail] = data[len(data) - ino.tail:]
+                p += ino.tail
         pos = p
 
     if (pos + 31) & ~31 != plan.inodes_end:
@@ -160,26 +161,26 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
         raise InternalError("shared xattr table size mismatch")
 
     block_end = plan.data_start
-    for rec in records:
-        if not rec.n_blocks:
+    for rec, ino in zip(records, inodes):
+        if not ino.n_blocks:
             continue
-        offset = rec.first_block * EROFS_BLKSIZ
+        offset = ino.first_block * EROFS_BLKSIZ
         if offset != block_end:
-            raise InternalError(f"data block {rec.first_block} out of order")
+            raise InternalError(f"data block {ino.first_block} out of order")
         ftype = rec.mode & S_IFMT
         if ftype == S_IFDIR:
-            for b in range(rec.n_blocks):
-                start, end = rec.dir_chunks[b]
+            for b in range(ino.n_blocks):
+                start, end = ino.dir_chunks[b]
                 _pack_dirents(out, offset + b * EROFS_BLKSIZ, rec.dirents, start, end,  # type: ignore[arg-type]
                               nids, ftypes)
-        elif ftype == S_IFREG and rec.datalayout == EROFS_INODE_CHUNK_BASED:
+        elif ftype == S_IFREG and ino.datalayout == EROFS_INODE_CHUNK_BASED:
             out[offset:offset + EROFS_BLKSIZ] = b"\xff" * EROFS_BLKSIZ
         else:
             data = rec.data
             assert data is not None
             first = data[:EROFS_BLKSIZ]  # mkcomposefs writes only the first block
             out[offset:offset + len(first)] = first
-        block_end = offset + rec.n_blocks * EROFS_BLKSIZ
+        block_end = offset + ino.n_blocks * EROFS_BLKSIZ
     if block_end != len(out):
         raise InternalError("data area size mismatch")
     return out
