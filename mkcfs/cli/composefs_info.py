@@ -29,10 +29,11 @@ import sys
 from typing import NoReturn
 from collections.abc import Callable, Sequence
 
-from fsverity.kernel import measure_verity
+from fsverity.kernel import fd_digest
 
 from mkcfs.sources.dumpfile import escape_table, escape_with
 from mkcfs.cli import common
+from mkcfs.inspect.objects import missing_objects, tree_objects
 
 PROG = "composefs-info"
 USAGE = (f"usage: {PROG} [--basedir=path] [ls|objects|dump|missing-objects|measure-file] "
@@ -235,36 +236,16 @@ class _Objects:
 
     def __init__(self, basedir_fd: int | None) -> None:
         self.basedir_fd = basedir_fd
-        self.objects: set[bytes] = set()
+        self.paths: set[bytes] = set()
 
     def __call__(self, root) -> None:
-        from mkcfs.tree import S_IFMT, S_IFREG, Node
-
-        objects = self.objects
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            payload = node.payload
-            if (node.mode & S_IFMT) == S_IFREG and payload is not None and payload not in objects:
-                if self.basedir_fd is None or not self._exists(payload):
-                    objects.add(payload)
-            if node.children:
-                stack.extend(child for child in node.children.values() if isinstance(child, Node))
-
-    def _exists(self, payload: bytes) -> bool:
-        rel = payload.lstrip(b"/")
-        try:
-            if rel:
-                os.stat(rel, dir_fd=self.basedir_fd)
-            else:
-                os.fstat(self.basedir_fd)  # fstatat(fd, "", AT_EMPTY_PATH)
-        except (OSError, ValueError):
-            return False
-        return True
+        self.paths.update(ref.path for ref in tree_objects(root))
 
     def end(self) -> None:
+        paths = (sorted(self.paths) if self.basedir_fd is None
+                 else missing_objects(self.paths, [self.basedir_fd]))
         out = sys.stdout.buffer
-        out.write(b"".join(p + b"\n" for p in sorted(self.objects)))
+        out.write(b"".join(p + b"\n" for p in paths))
         out.flush()
 
 
@@ -280,7 +261,7 @@ def _measure_files(paths: list[str]) -> int:
         except OSError as exc:
             common.fail(f"Failed to open '{path}'", exc.errno or errno.EIO)
         try:
-            digest = _fd_get_fsverity(fd)
+            digest = fd_digest(fd)
         except OSError as exc:
             out.flush()
             sys.stderr.write(f"failed to measure '{path}': "
@@ -291,34 +272,6 @@ def _measure_files(paths: list[str]) -> int:
         out.write(digest.hex().encode() + b"\n")
     out.flush()
     return 0
-
-
-def measure_fsverity(fd: int) -> bytes | None:
-    """The digest the kernel reports for ``fd`` (FS_IOC_MEASURE_VERITY), or None when the file
-    has no fs-verity (or the filesystem does not support it). Other errors raise OSError."""
-    try:
-        _algorithm, digest = measure_verity(fd)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY):
-            return None
-        raise
-    if len(digest) != 32:
-        raise OSError(errno.EILSEQ, "file has fs-verity with a digest that is not SHA-256")
-    return digest
-
-
-def _fd_get_fsverity(fd: int) -> bytes:
-    """``lcfs_fd_get_fsverity``: the kernel's digest, else computed from the file's data."""
-    from fsverity import digest_file
-
-    digest = measure_fsverity(fd)
-    if digest is not None:
-        return digest
-    os.lseek(fd, 0, os.SEEK_SET)
-    try:
-        return digest_file(fd, empty_as_zero_block=True)
-    except OSError:
-        raise OSError(errno.ENODATA, os.strerror(errno.ENODATA)) from None
 
 
 if __name__ == "__main__":  # pragma: no cover
