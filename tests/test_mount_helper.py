@@ -25,7 +25,6 @@ from mkcfs.cli import mkcfs as group
 from mkcfs.mount import helper
 from mkcfs.mount.mountinfo import read_mountinfo, top_mount
 from mkcfs.store.images import BuildOptions, ManagedStore, image_name
-from mkcfs.store.objects import ObjectStore
 
 from .privileges import CAP_SYS_ADMIN, drop_capabilities, run_forked
 from .test_mount import needs_mounts, no_leaks  # noqa: F401 - no_leaks: autouse leak check
@@ -78,14 +77,13 @@ def walk_resolver(src: Path, digest: str, calls: Path, *,
     ``digest``; every build appends a line to ``calls`` (so builds in several processes can
     be counted) and runs ``during()`` after the objects are stored, before the image exists."""
     def resolver(source: str):
-        def build(objects: ObjectStore) -> bytes:
+        def build(objects: str) -> bytes:
             from mkcfs.build.image import build_image
             from mkcfs.sources.walk import WalkOptions, walk_directory
 
             with open(calls, "a") as f:
                 f.write(f"{os.getpid()}\n")
-            tree = walk_directory(src, WalkOptions(digest_store=os.fsdecode(objects.path),
-                                                   threads=1))
+            tree = walk_directory(src, WalkOptions(digest_store=objects, threads=1))
             if during is not None:
                 during()
             return bytes(build_image(tree).data)

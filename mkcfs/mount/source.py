@@ -20,7 +20,6 @@ from erofs.format import LCFS_EROFS_MAGIC
 
 from mkcfs.mount.options import MountError
 from mkcfs.store.images import DEFAULT_BUILD, BuildOptions, ManagedStore, image_name
-from mkcfs.store.objects import ObjectStore
 
 
 class SourceError(MountError):
@@ -50,13 +49,14 @@ def is_composefs_image(path: str) -> bool:
     return len(head) == 4 and int.from_bytes(head, "little") == LCFS_EROFS_MAGIC
 
 
-#: ``(source) -> (manifest digest, build)``: how an OCI reference becomes an image. ``build``
-#: fills the object store it is given and returns the image bytes; finding the digest must be
-#: cheap (it runs on every mount).
-OciResolver = Callable[[str], tuple[str, Callable[[ObjectStore], bytes | bytearray]]]
+#: ``build(objects_dir) -> image bytes``: fills the object store directory, returns the image
+Builder = Callable[[str], bytes | bytearray]
+#: ``(source) -> (manifest digest, build)``: how an OCI reference becomes an image; finding the
+#: digest must be cheap (it runs on every mount), the build runs only when the store lacks it.
+OciResolver = Callable[[str], tuple[str, Builder]]
 
 
-def _default_oci_resolver(source: str) -> tuple[str, Callable[[ObjectStore], bytes | bytearray]]:
+def _default_oci_resolver(source: str) -> tuple[str, Builder]:
     raise SourceError(errno.ENOENT, f"{source}: not a composefs image, and OCI sources "
                                     "are not available in this version")
 

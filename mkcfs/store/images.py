@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from mkcfs.errors import CfsError
-from mkcfs.store.objects import ObjectStore
 
 #: where ``mkcfs mount`` keeps objects and images unless told otherwise
 DEFAULT_STORE = "/var/lib/mkcfs"
@@ -100,11 +99,12 @@ class ManagedStore:
                 raise StoreError(errno.ENOTDIR, f"store {path}: Not a directory")
 
     def ensure_image(self, name: str,
-                     build: Callable[[ObjectStore], bytes | bytearray]) -> tuple[str, bool]:
-        """The path of image ``name``, built first with ``build(objects)`` if it is missing.
+                     build: Callable[[str], bytes | bytearray]) -> tuple[str, bool]:
+        """The path of image ``name``, built first with ``build(objects_dir)`` if it is missing.
 
-        Returns ``(path, built)``. ``build`` fills the object store it is given and returns the
-        image bytes; it runs at most once per image however many processes ask at once."""
+        Returns ``(path, built)``. ``build`` fills the object store directory it is given
+        (through ``ObjectStore``, which names objects only complete and durable) and returns
+        the image bytes; it runs at most once per image however many processes ask at once."""
         path = self.image_path(name)
         if os.path.isfile(path):
             return path, False
@@ -112,13 +112,7 @@ class ManagedStore:
         with self._build_lock(name):
             if os.path.isfile(path):      # built by the process we waited for
                 return path, False
-            objects = ObjectStore(self.objects)
-            try:
-                data = build(objects)
-                objects.flush()
-            except BaseException:
-                objects.discard_pending()
-                raise
+            data = build(self.objects)
             # the import is here: write_atomically is the project's temp + rename protocol
             from mkcfs.build.image import write_atomically
             try:
