@@ -434,3 +434,26 @@ def test_not_root_is_one_line(tmp_path: Path, store: Path, image_file: Path) -> 
         line = one_error_line(status, err, argv[0])
         assert "superuser" in line
     assert mounted_source(mnt) is None
+
+
+@needs_mounts
+def test_stale_run_state_is_pruned(tmp_path: Path, store: Path, image_file: Path) -> None:
+    """Run state of mounts that are gone (namespace dead, or nothing mounted any more) is
+    removed by the next mount; the live one stays."""
+    managed = ManagedStore(str(store))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ours = helper.mount_namespace()
+    gone = [helper.MountState("/x", "/i", "/o", None, 1, 1),               # no such namespace
+            helper.MountState(str(tmp_path), "/i", "/o", None, ours, 1)]     # nothing mounted
+    (store / "mounts").mkdir(parents=True)
+    for n, state in enumerate(gone):
+        helper._write_state(str(store / "mounts" / f"{n}.json"), state)
+    assert all(helper.is_stale(s, ours) for s in gone)
+    assert run_cli("mount", "--store", store, image_file, mnt)[0] == 0
+    try:
+        states = helper.read_states(managed)
+        assert [s.mountpoint for s in states] == [str(mnt)]
+        assert not helper.is_stale(states[0], ours)
+    finally:
+        assert run_cli("umount", mnt)[0] == 0

@@ -22,10 +22,10 @@ namespace and the mount point), written before the mount and removed by ``umount
 point, the image, the object directory, the PERSIST directory, the mount namespace (``mntns``,
 the inode of ``/proc/self/ns/mnt``) and the pid that mounted. A garbage collector keeps the images
 (and their objects) named there; a file whose namespace is this one but whose mount point has no
-``mkcfs`` mount any more is stale (a mount whose namespace died, as LXC's pre-mount hook mounts
-do when the container stops, or a killed ``mkcfs mount``) and the next mount on the same place
-replaces it. Mounting and unmounting hold ``STORE/mounts/.lock`` (``flock``) so that two mounts on
-one mount point cannot both succeed.
+``mkcfs`` mount any more, or whose namespace has no process left (LXC's pre-mount hook mounts in
+the container's namespace, which dies with the container), is stale: every ``mkcfs mount``
+removes the stale files of its store (``is_stale``). Mounting and unmounting hold
+``STORE/mounts/.lock`` (``flock``) so that two mounts on one mount point cannot both succeed.
 """
 
 from __future__ import annotations
@@ -156,6 +156,48 @@ def read_states(store: ManagedStore) -> list[MountState]:
     return states
 
 
+def live_namespaces() -> set[int]:
+    """The mount namespaces some process is in (inodes of ``/proc/*/ns/mnt``)."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                found.add(os.stat(f"/proc/{pid}/ns/mnt").st_ino)
+    return found
+
+
+def is_stale(state: MountState, mntns: int, namespaces: set[int] | None = None) -> bool:
+    """Whether ``state`` describes a mount that is gone: in this namespace (``mntns``), no
+    ``mkcfs`` mount on its mount point; elsewhere, no process left in its namespace (LXC's
+    pre-mount hook mounts inside the container's namespace, which dies with the container)."""
+    if state.mntns == mntns:
+        top = top_mount(state.mountpoint)
+        return top is None or not is_our_mount(top)
+    if namespaces is None:
+        namespaces = live_namespaces()
+    return state.mntns not in namespaces
+
+
+def _prune_stale(store: ManagedStore, mntns: int) -> None:
+    """Remove the run-state files of mounts that are gone (called under the mounts lock)."""
+    try:
+        names = [n for n in os.listdir(store.mounts) if n.endswith(".json")]
+    except OSError:
+        return
+    namespaces: set[int] | None = None
+    for name in names:
+        path = os.path.join(store.mounts, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = MountState(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            continue
+        if state.mntns != mntns and namespaces is None:
+            namespaces = live_namespaces()
+        if is_stale(state, mntns, namespaces):
+            _remove(path)
+
+
 def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -231,6 +273,7 @@ def mount_source(source: str, mountpoint: str, *, store: str = DEFAULT_STORE,
     created: list[str] = []
     with _mounts_lock(managed):
         _refuse_if_mounted(mnt, mountpoint)
+        _prune_stale(managed, mntns)
         try:
             if persist is not None:
                 mount_opts.upperdir, mount_opts.workdir = prepare_persist(persist, created)
