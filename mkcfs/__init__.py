@@ -4,6 +4,7 @@ Public API::
 
     from mkcfs import parse_dumpfile, build_image
     image = build_image(parse_dumpfile(text))   # bytes identical to mkcomposefs 1.0.8
+    tree = load_image_tree("oci:/path/to/layout:tag")   # .root, .manifest_digest
 
 Names are imported on first use, so the command-line tools load only what they need.
 """
@@ -19,6 +20,9 @@ _EXPORTS = {
     "BuiltImage": "build.image", "build_image": "build.image", "write_atomically": "build.image",
     "HardLink": "tree", "Node": "tree",
     "parse_dumpfile": "sources.dumpfile", "format_dumpfile": "sources.dumpfile",
+    "ImageTree": "sources.oci", "OciOptions": "sources.oci", "load_image_tree": "sources.oci",
+    "build_oci_image": "sources.oci", "ImageSource": "sources.transport",
+    "parse_source": "sources.transport",
 }
 __all__ = sorted(_EXPORTS)
 

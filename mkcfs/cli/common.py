@@ -33,12 +33,15 @@ class UsageError(CfsError):
         self.usage = usage
 
 
-def parse_long_options(argv: Sequence[str], options: dict[str, bool]
+def parse_long_options(argv: Sequence[str], options: dict[str, bool],
+                       repeated: dict[str, list[str]] | None = None
                        ) -> tuple[dict[str, str], list[str]]:
     """Parse ``--name``, ``--name=value`` and ``--name value`` like ``getopt_long``.
 
     Unique abbreviations are accepted; options may follow positional arguments; ``--`` ends
-    option parsing; a lone ``-`` is a positional argument. Returns ``(options, positionals)``."""
+    option parsing; a lone ``-`` is a positional argument. Returns ``(options, positionals)``;
+    a later value replaces an earlier one, except for the names in ``repeated``, whose values
+    are appended to its lists in order."""
     opts: dict[str, str] = {}
     args: list[str] = []
     i = 0
@@ -72,6 +75,8 @@ def parse_long_options(argv: Sequence[str], options: dict[str, bool]
                 value = argv[i]
                 i += 1
             opts[full] = value
+            if repeated is not None and full in repeated:
+                repeated[full].append(value)
         else:
             if eq:
                 raise UsageError(f"option '--{full}' doesn't allow an argument", usage=True)

@@ -1,9 +1,11 @@
-"""``mkcomposefs``: build a composefs image from a directory or a dumpfile (drop-in for 1.0.8).
+"""``mkcomposefs``: build a composefs image from a directory, a dumpfile (drop-in for 1.0.8) or
+a container image (OCI layout, oci-archive, docker-archive, layer tar files).
 
 Usage::
 
     mkcomposefs [OPTIONS] SOURCE IMAGE
     mkcomposefs --print-digest-only [OPTIONS] SOURCE
+    mkcomposefs [OPTIONS] --layer=FILE [--layer=FILE...] IMAGE
 
 Exit status 0 on success and 1 on any error, with one line ``mkcomposefs: <message>`` on stderr.
 The image is written to a temporary file beside IMAGE and renamed into place when complete.
@@ -23,9 +25,18 @@ PROG = "mkcomposefs"
 USAGE = """\
 usage: mkcomposefs [OPTIONS] SOURCE IMAGE
        mkcomposefs --print-digest-only [OPTIONS] SOURCE
+       mkcomposefs [OPTIONS] --layer=FILE [--layer=FILE...] IMAGE
 
 Build a composefs image (EROFS metadata + overlay xattrs) from SOURCE, a directory, or with
 --from-file a composefs-dump(5) file ('-' reads standard input). IMAGE '-' writes to stdout.
+
+SOURCE may also be a container image, read in one pass without extracting it:
+  oci:DIR[:REF]              OCI image layout (REF: org.opencontainers.image.ref.name)
+  oci-archive:FILE[:REF]     the same as a tar file
+  docker-archive:FILE[:REF]  'docker save' output (REF: NAME:TAG, or @N)
+  tar:FILE                   one layer tar (gzip, zstd or plain; '-' is standard input)
+--layer=FILE, repeated, applies several layer tars in order (then no SOURCE is given).
+A PATH holding ':' is taken whole when it exists; otherwise the last ':' starts REF.
 
 options:
   --digest-store=PATH   copy files larger than 64 bytes into the object store PATH
@@ -41,7 +52,11 @@ options:
   --min-version=N       lowest format version to write (0 or 1; default 0)
   --max-version=N       highest format version to write (0 or 1; default 1)
   --threads=N           parallel workers for digests and store copies (default: the
-                        CPUs this process may use)
+                        CPUs this process may use; images: 1 = no decompression thread)
+  --platform=OS/ARCH[/VARIANT]
+                        image source: the platform to take from a multi-platform image
+                        (default: this machine's)
+  --layer=FILE          a layer tar to apply (repeat in order; '-' is standard input)
   --help                show this help
 """
 
@@ -50,6 +65,7 @@ OPTIONS = {
     "digest-store": True, "use-epoch": False, "skip-devices": False, "skip-xattrs": False,
     "user-xattrs": False, "hardlinks": False, "print-digest": False, "print-digest-only": False,
     "from-file": False, "min-version": True, "max-version": True, "threads": True, "help": False,
+    "platform": True, "layer": True,
 }
 
 
@@ -69,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    opts, args = common.parse_long_options(argv, OPTIONS)
+    layers: list[str] = []
+    opts, args = common.parse_long_options(argv, OPTIONS, {"layer": layers})
     if "help" in opts:
         sys.stdout.write(USAGE)
         return 0
@@ -88,6 +105,10 @@ def _main(argv: list[str]) -> int:
     if "user-xattrs" in opts and "skip-xattrs" in opts:
         _fail("--user-xattrs and --skip-xattrs cannot be used together")
 
+    if layers:
+        if from_file:
+            _fail("--layer and --from-file cannot be used together")
+        args.insert(0, "tar:")
     if not args:
         _fail("No source path specified", usage=True)
     source = args[0]
@@ -105,7 +126,24 @@ def _main(argv: list[str]) -> int:
     if image_path not in (None, "-"):
         common.check_output_dir(image_path)
 
+    image_source = None
+    if not from_file:
+        from mkcfs.sources.transport import ImageSource, is_image_source, parse_source
+        if layers:
+            image_source = ImageSource("tar", "", None, tuple(layers))
+        elif is_image_source(source):
+            image_source = parse_source(source)
+    if "platform" in opts and image_source is None:
+        _fail("--platform needs an image source (oci:, oci-archive:, docker-archive:)")
+
     def load_tree():
+        if image_source is not None:
+            from mkcfs.sources.oci import OciOptions, load_image_tree
+            return load_image_tree(image_source, OciOptions(
+                platform=opts.get("platform"), use_epoch="use-epoch" in opts,
+                skip_devices="skip-devices" in opts, skip_xattrs="skip-xattrs" in opts,
+                user_xattrs="user-xattrs" in opts, digest_store=opts.get("digest-store"),
+                threads=threads)).root
         if from_file:
             from mkcfs.sources.dumpfile import parse_dumpfile
             return parse_dumpfile(common.read_input(source),

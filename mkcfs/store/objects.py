@@ -37,9 +37,11 @@ import stat
 import struct
 import threading
 
-from fsverity import object_path
+from collections.abc import Iterable
 
-from mkcfs.store.digests import hash_fd, open_source, walk_error
+from fsverity import FsVerityHasher, object_path
+
+from mkcfs.store.digests import BUFFER_SIZE, digest_buffer, hash_fd, open_source, walk_error
 from mkcfs.errors import WalkError
 
 __all__ = ["ObjectStore", "TEMP_PREFIX", "OBJECT_MODE", "FICLONE", "FS_IOC_ENABLE_VERITY"]
@@ -272,6 +274,60 @@ class ObjectStore:
             return self._copy_while_hashing(fd, src, size, view, cancel, defer)
         finally:
             os.close(fd)
+
+    def add_stream(self, chunks: Iterable[bytes | memoryview], size: int, name: str,
+                   defer: bool = False) -> bytes:
+        """Store data that arrives in ``chunks`` (e.g. a tar member) and return its fs-verity
+        digest. ``size`` is the exact length; ``name`` names the data in errors.
+
+        Data of up to one buffer (``BUFFER_SIZE``) is hashed first and written only when its
+        object is missing; larger data is written to a locked temporary while it is hashed
+        (``FsVerityHasher``), and the temporary is dropped when the object already exists.
+        ``defer`` as for ``add_file`` (then ``flush()``, or ``discard_pending()`` on error)."""
+        if size <= BUFFER_SIZE:
+            parts = [bytes(chunk) for chunk in chunks]
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            if len(data) != size:
+                raise walk_error("cannot store", name.encode(),
+                                 f"{len(data)} bytes instead of {size}")
+            digest = digest_buffer(memoryview(data), size) if size else FsVerityHasher().digest()
+            final, exists = self._target(digest)
+            if not exists:
+                temp = self._new_temp()
+                try:
+                    try:
+                        temp.write(memoryview(data))
+                    except OSError as exc:
+                        raise _store_error(temp.name, exc) from None
+                    self._commit(temp, final, defer)
+                except BaseException:
+                    temp.discard()
+                    raise
+            return digest
+        stream_temp: _Temp | None = self._new_temp()
+        assert stream_temp is not None
+        try:
+            hasher = FsVerityHasher()
+            update = hasher.update
+            write = stream_temp.write
+            for chunk in chunks:
+                update(chunk)
+                try:
+                    write(memoryview(chunk))
+                except OSError as exc:
+                    raise _store_error(stream_temp.name, exc) from None
+            if hasher.size != size:
+                raise walk_error("cannot store", name.encode(),
+                                 f"{hasher.size} bytes instead of {size}")
+            digest = hasher.digest()
+            final, exists = self._target(digest)
+            if not exists:
+                self._commit(stream_temp, final, defer)
+                stream_temp = None
+        finally:
+            if stream_temp is not None:
+                stream_temp.discard()
+        return digest
 
     def _pending(self) -> list[tuple[_Temp, bytes]]:
         pending = getattr(self._local, "pending", None)
