@@ -386,6 +386,18 @@ def _diff_ids(config: Any, where: str) -> list[str]:
     return diff_ids
 
 
+def _docker_name(ref: str) -> str:
+    """A docker reference in full: ``busybox`` -> ``docker.io/library/busybox:latest``."""
+    if ":" not in ref.rpartition("/")[2] and "@" not in ref:
+        ref += ":latest"
+    first, slash, rest = ref.partition("/")
+    if not slash or ("." not in first and ":" not in first and first != "localhost"):
+        ref = "docker.io/" + ref
+    if ref.startswith("docker.io/") and "/" not in ref[10:]:
+        ref = "docker.io/library/" + ref[10:]
+    return ref
+
+
 def _docker_layers(files: _Files, source: ImageSource) -> tuple[list[_Layer], str, str]:
     where = source.path
     manifest = files.read_json("manifest.json", shown=f"{where}: manifest.json")
@@ -398,8 +410,10 @@ def _docker_layers(files: _Files, source: ImageSource) -> tuple[list[_Layer], st
             raise LayerError(f"{where}: no image {ref} (the archive has {len(manifest)})")
         chosen = [manifest[index]]
     elif ref is not None:
-        wanted = ref if ":" in ref.rpartition("/")[2] else ref + ":latest"
-        chosen = [m for m in manifest if wanted in (m.get("RepoTags") or [])]
+        wanted = _docker_name(ref)
+        chosen = [m for m in manifest
+                  if wanted in {_docker_name(t) for t in (m.get("RepoTags") or [])
+                                if isinstance(t, str)}]
         if not chosen:
             tags = sorted(t for m in manifest for t in (m.get("RepoTags") or []))
             raise LayerError(f"{where}: no image tagged {ref!r} (the archive has: "
