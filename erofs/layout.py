@@ -11,6 +11,7 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
+from .errors import LayoutError
 from .format import (
     EROFS_BLKSIZ,
     EROFS_INODE_CHUNK_BASED,
@@ -151,10 +152,6 @@ class ImagePlan:
 
 
 _NO_CHUNKS: list[tuple[int, int]] = []
-
-
-class LayoutError(ValueError):
-    """The records cannot be laid out (e.g. a file too large for the chunk map)."""
 
 
 def dirent_split(dirents: list[tuple[bytes, int]]) -> tuple[list[tuple[int, int]], int]:

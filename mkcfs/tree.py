@@ -16,6 +16,8 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 
+from mkcfs.errors import BuildInputError
+
 S_IFMT = stat.S_IFMT(0o777777)
 S_IFDIR = stat.S_IFDIR
 S_IFREG = stat.S_IFREG
@@ -89,7 +91,7 @@ class HardLink:
 Entry = Node | HardLink
 
 
-class HardLinkLoopError(ValueError):
+class HardLinkLoopError(BuildInputError):
     """A chain of hard links that never reaches a node."""
 
 

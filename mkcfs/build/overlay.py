@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 
+from mkcfs.errors import BuildInputError
+
 OVERLAY_PREFIX = b"trusted.overlay."
 ESCAPED_PREFIX = b"trusted.overlay.overlay."
 METACOPY = b"trusted.overlay.metacopy"
@@ -38,7 +40,7 @@ _HEADER_OVERHEAD = 12
 _U64 = (1 << 64) - 1
 
 
-class XattrLimitError(ValueError):
+class XattrLimitError(BuildInputError):
     """An xattr that libcomposefs refuses to set (``errno`` says why, as mkcomposefs reports)."""
 
     def __init__(self, err: int, key: bytes) -> None:

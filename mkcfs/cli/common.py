@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn
 from collections.abc import Callable, Sequence
 
-from erofs.errors import ImageFormatError
+from erofs.errors import ImageFormatError, InternalError
 
 from mkcfs.errors import CfsError
 from mkcfs.gcpause import gc_paused
@@ -162,6 +162,9 @@ def _run(prog: str, usage: str, body: Callable[[list[str]], int], argv: Sequence
         return 1
     except (CfsError, ImageFormatError) as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
+        return 1
+    except InternalError as exc:   # a bug of ours, not the user's input
+        sys.stderr.write(f"{prog}: internal error (please report): {exc}\n")
         return 1
     except BrokenPipeError:
         # stdout closed early (e.g. piped to head): not an error of ours
