@@ -2,8 +2,8 @@
 
 Every structure is declared with ``construct`` (a doc string per field, kernel field names from
 ``fs/erofs/erofs_fs.h`` and libcomposefs's ``lcfs-erofs.h``). Hot loops must not call construct per
-record, so ``derive_packer`` turns each flat declaration into a ``struct.Struct`` with the same
-layout; ``tests/erofs/test_format.py`` checks that both give the same bytes.
+record, so ``derive_packer`` (``fsverity/cstruct.py``) turns each flat declaration into a
+``struct.Struct`` with the same layout; ``tests/erofs/test_format.py`` checks that both give the same bytes.
 
 Layout of an image as mkcomposefs writes it::
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 import struct
 
 import construct as cs
+
+from fsverity.cstruct import derive_format, derive_packer  # noqa: F401  (re-exported)
 
 # --- constants -------------------------------------------------------------------------------
 
@@ -189,18 +191,6 @@ ErofsDirent = cs.Struct(
     "reserved" / cs.Int8ul * "reserved: 0",
 )
 
-FsVerityDescriptor = cs.Struct(
-    "version" / cs.Int8ul * "descriptor version: 1",
-    "hash_algorithm" / cs.Int8ul * "FS_VERITY_HASH_ALG_SHA256 = 1",
-    "log_blocksize" / cs.Int8ul * "log2 of the Merkle tree block size: 12",
-    "salt_size" / cs.Int8ul * "salt length: 0",
-    "sig_size" / cs.Int32ul * "reserved (signature size in newer kernels): 0",
-    "data_size" / cs.Int64ul * "file size in bytes",
-    "root_hash" / cs.Bytes(64) * "Merkle root hash, zero padded",
-    "salt" / cs.Bytes(32) * "salt, zero padded",
-    "reserved" / cs.Bytes(144) * "reserved, zeros",
-)
-
 #: struct name -> (declaration, expected size), the sizes the kernel header asserts.
 STRUCT_SIZES: dict[str, tuple[cs.Struct, int]] = {
     "composefs_header": (ComposefsHeader, 32),
@@ -210,38 +200,10 @@ STRUCT_SIZES: dict[str, tuple[cs.Struct, int]] = {
     "erofs_xattr_ibody_header": (ErofsXattrIbodyHeader, 12),
     "erofs_xattr_entry": (ErofsXattrEntry, 4),
     "erofs_dirent": (ErofsDirent, 12),
-    "fsverity_descriptor": (FsVerityDescriptor, 256),
 }
 
 
 # --- fast packers ----------------------------------------------------------------------------
-
-def derive_format(declaration: cs.Struct) -> str:
-    """The ``struct`` format string with the same layout as a flat construct declaration.
-
-    Integer fields map to their little-endian codes; ``Bytes(n)`` maps to ``{n}s`` (packing ``b""``
-    there writes n zeros, which is what every reserved field holds)."""
-    parts = ["<"]
-    for field in declaration.subcons:
-        sub = field
-        while isinstance(sub, cs.Renamed):
-            sub = sub.subcon
-        if isinstance(sub, cs.FormatField) and sub.fmtstr[0] == "<":
-            parts.append(sub.fmtstr[1:])
-        elif isinstance(sub, cs.Bytes) and isinstance(sub.length, int):
-            parts.append(f"{sub.length}s")
-        else:
-            raise TypeError(f"field {field.name!r} of kind {sub!r} has no struct equivalent")
-    return "".join(parts)
-
-
-def derive_packer(declaration: cs.Struct) -> struct.Struct:
-    """A ``struct.Struct`` equivalent to ``declaration``; its size is checked against construct's."""
-    packer = struct.Struct(derive_format(declaration))
-    if packer.size != declaration.sizeof():
-        raise AssertionError(f"derived size {packer.size} != construct size {declaration.sizeof()}")
-    return packer
-
 
 def check_layout() -> None:
     """Assert every structure has the size the kernel and libcomposefs expect."""
@@ -257,7 +219,6 @@ INODE_EXTENDED = derive_packer(ErofsInodeExtended)
 XATTR_IBODY_HEADER = derive_packer(ErofsXattrIbodyHeader)
 XATTR_ENTRY = derive_packer(ErofsXattrEntry)
 DIRENT = derive_packer(ErofsDirent)
-FSVERITY_DESCRIPTOR = derive_packer(FsVerityDescriptor)
 check_layout()
 
 

@@ -15,7 +15,7 @@ import errno
 import os
 import struct
 
-from fsverity.kernel import FS_VERITY_HASH_ALG_SHA256, measure_verity
+from fsverity.kernel import FS_VERITY_HASH_ALG_SHA256, measured_digest
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,13 +212,10 @@ def _close(fd: int) -> None:
 def _measure_kernel(fd: int) -> bytes | None:
     """The file's fs-verity digest from the kernel, or None when the file has none (or the
     kernel/filesystem cannot tell)."""
-    try:
-        algorithm, digest = measure_verity(fd)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL,
-                         errno.ENOSYS, errno.EOVERFLOW):
-            return None
-        raise
+    measured = measured_digest(fd)
+    if measured is None:
+        return None
+    algorithm, digest = measured
     if algorithm != FS_VERITY_HASH_ALG_SHA256:
         return b""   # a digest, but not one comparable with a composefs (sha256) digest
     return digest

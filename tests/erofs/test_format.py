@@ -1,4 +1,5 @@
-"""The construct declarations and the struct packers derived from them must agree byte for byte."""
+"""The construct declarations and the struct packers derived from them must agree byte for byte
+(the EROFS structures of ``erofs/format.py`` and the fs-verity ones of ``fsverity/format.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from erofs import format as fmt
+from fsverity import format as vfmt
 
-DECLS = {name: decl for name, (decl, _) in fmt.STRUCT_SIZES.items()}
+SIZES = {**fmt.STRUCT_SIZES, **vfmt.STRUCT_SIZES}
+DECLS = {name: decl for name, (decl, _) in SIZES.items()}
 PACKERS = {
     "composefs_header": fmt.COMPOSEFS_HEADER,
     "erofs_super_block": fmt.SUPER_BLOCK,
@@ -18,7 +21,8 @@ PACKERS = {
     "erofs_xattr_ibody_header": fmt.XATTR_IBODY_HEADER,
     "erofs_xattr_entry": fmt.XATTR_ENTRY,
     "erofs_dirent": fmt.DIRENT,
-    "fsverity_descriptor": fmt.FSVERITY_DESCRIPTOR,
+    "fsverity_descriptor": vfmt.DESCRIPTOR,
+    "fsverity_enable_arg": vfmt.ENABLE_ARG,
 }
 
 
@@ -37,7 +41,7 @@ def _field_strategy(field):
 
 def test_sizes_match_kernel():
     fmt.check_layout()
-    for name, (decl, size) in fmt.STRUCT_SIZES.items():
+    for name, (decl, size) in SIZES.items():
         assert decl.sizeof() == size
         assert PACKERS[name].size == size
 
