@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BuiltImage": "build.image", "build_image": "build.image", "write_atomically": "build.image",
+    "BuiltImage": "build.image", "build_image": "build.image", "write_atomically": "fsutil",
     "HardLink": "tree", "Node": "tree",
     "parse_dumpfile": "sources.dumpfile", "format_dumpfile": "sources.dumpfile",
     "ImageTree": "sources.oci", "OciOptions": "sources.oci", "load_image_tree": "sources.oci",

@@ -209,7 +209,7 @@ def test_killed_build_never_leaves_a_partial_image(tmp_path):
 def test_live_writers_temporary_is_not_removed(tmp_path):
     import fcntl
 
-    from mkcfs.build.image import remove_stale_temporaries
+    from mkcfs.fsutil import remove_stale_temporaries, temporaries_of
 
     target = tmp_path / "o.img"
     live = tmp_path / ".o.img.live.tmp"
@@ -217,7 +217,7 @@ def test_live_writers_temporary_is_not_removed(tmp_path):
     stale.write_bytes(b"partial")
     with open(live, "wb") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        assert remove_stale_temporaries(str(target)) == 1
+        assert remove_stale_temporaries(*temporaries_of(str(target))) == 1
         assert live.exists() and not stale.exists()
 
 

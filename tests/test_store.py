@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 import fsverity
-from mkcfs.store import digests, objects as store_mod
-from mkcfs.errors import WalkError
+from mkcfs.store import digests, objects as store_mod, reading
+from fsverity.kernel import FS_IOC_ENABLE_VERITY
+from mkcfs.errors import StoreError, WalkError
 from mkcfs.store.objects import TEMP_PREFIX, ObjectStore
 from mkcfs.sources.walk import WalkOptions, walk_directory
 
@@ -216,7 +217,7 @@ def test_verity_is_tried_and_failures_ignored(tmp_path, monkeypatch):
     real_ioctl = fcntl.ioctl
 
     def fake_ioctl(fd, request, arg=0, *rest):
-        if request == store_mod.FS_IOC_ENABLE_VERITY:
+        if request == FS_IOC_ENABLE_VERITY:
             tried.append(os.fstat(fd).st_ino)
             assert arg[:4] == b"\x01\x00\x00\x00" and len(arg) == 128
             # the descriptor must be read-only, with no writer left open
@@ -241,11 +242,11 @@ def test_source_changed_between_hash_and_copy(tmp_path, monkeypatch):
     write(path, os.urandom(10_000))
     real_copy = store._copy
 
-    def tamper(src_fd, temp, size, view):
+    def tamper(src_fd, temp, size, view, sparse):
         with open(path, "r+b") as f:
             f.write(b"changed!")
         os.utime(path, ns=(1, 1))
-        real_copy(src_fd, temp, size, view)
+        real_copy(src_fd, temp, size, view, sparse)
     monkeypatch.setattr(store, "_copy", tamper)
     with pytest.raises(WalkError, match="changed while being copied"):
         store.add_file(os.fsencode(path), 10_000, memoryview(bytearray(digests.BUFFER_SIZE)))
@@ -253,12 +254,13 @@ def test_source_changed_between_hash_and_copy(tmp_path, monkeypatch):
 
 
 def test_failed_build_leaves_no_temporary_files(src, tmp_path, monkeypatch):
-    real = digests.open_source
+    real = reading.open_source
 
     def vanishing(path):
         if path.endswith(b"/sub/c"):
             os.unlink(path)
         return real(path)
+    monkeypatch.setattr(reading, "open_source", vanishing)
     monkeypatch.setattr(digests, "open_source", vanishing)
     monkeypatch.setattr(store_mod, "open_source", vanishing)
     store = tmp_path / "objects"
@@ -275,7 +277,7 @@ def test_write_error_names_the_store(tmp_path, monkeypatch):
     def full(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "write", full)
-    with pytest.raises(WalkError, match=r"^cannot fill store .*: No space left on device$"):
+    with pytest.raises(StoreError, match=r"^cannot fill store .*: No space left on device$"):
         store.add_file(os.fsencode(tmp_path / "f"), 1000,
                        memoryview(bytearray(digests.BUFFER_SIZE)))
     monkeypatch.undo()
@@ -300,7 +302,7 @@ def test_cancel_stops_a_long_read(tmp_path):
 def test_store_is_a_file(src, tmp_path):
     write(tmp_path / "file", b"")
     for path in (tmp_path / "file", tmp_path / "file" / "below"):
-        with pytest.raises(WalkError, match=r"^cannot fill store .*file.*: Not a directory$"):
+        with pytest.raises(StoreError, match=r"^cannot fill store .*file.*: Not a directory$"):
             walk_directory(src, WalkOptions(digest_store=path, progress=False))
 
 
@@ -333,8 +335,8 @@ def test_store_not_writable(src, tmp_path):
     store.mkdir()
     undo = _make_unwritable(store)
     try:
-        with pytest.raises(WalkError, match=r"^cannot fill store .*objects: "
-                                            r"(Permission denied|Operation not permitted)$"):
+        with pytest.raises(StoreError, match=r"^cannot fill store .*objects: "
+                                             r"(Permission denied|Operation not permitted)$"):
             walk_directory(src, WalkOptions(digest_store=store, progress=False))
     finally:
         undo()
@@ -376,7 +378,7 @@ def test_stale_temporary_files_are_removed(tmp_path):
 
 def test_live_temporary_file_is_not_taken_for_a_stale_one(tmp_path):
     store = ObjectStore(tmp_path / "objects")
-    temp = store_mod._Temp(store.root, True)
+    temp = store._new_temp()
     try:
         assert store.clean_stale_temps() == 0   # locked by us (another open file description)
         assert os.path.exists(temp.name)
@@ -396,10 +398,10 @@ def test_new_temporary_file_taken_by_a_cleaner_before_its_lock(tmp_path, monkeyp
             raced.append(store.clean_stale_temps())
         return real_flock(fd, operation)
     monkeypatch.setattr(fcntl, "flock", racing_flock)
-    temp = store_mod._Temp(store.root, True)
+    temp = store._new_temp()
     try:
         assert raced == [1]                       # it removed our first file...
-        assert os.fstat(temp.rfd).st_nlink == 1   # ... and we made a new one
+        assert os.fstat(temp.lock_fd).st_nlink == 1   # ... and we made a new one
         temp.write(memoryview(b"data"))
     finally:
         temp.discard()

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fsverity
-from mkcfs.store import digests
+from mkcfs.store import digests, reading
 from mkcfs.errors import BuildInputError, WalkError
 from mkcfs.build.image import build_image
 from mkcfs.progress import Progress
@@ -404,7 +404,7 @@ def test_unreadable_directory_and_file(tree):
     ("big", "grow"), ("big", "shrink"), ("big", "vanish"),
     ("one", "grow"), ("one", "vanish"), ("s65", "shrink")])
 def test_file_changing_while_read(tree, monkeypatch, name, change):
-    real = digests.open_source
+    real = reading.open_source
     target = os.fsencode(tree / name)
 
     def tampering(path):
@@ -417,6 +417,7 @@ def test_file_changing_while_read(tree, monkeypatch, name, change):
             else:
                 os.unlink(path)
         return real(path)
+    monkeypatch.setattr(reading, "open_source", tampering)
     monkeypatch.setattr(digests, "open_source", tampering)
     expected = ("No such file or directory" if change == "vanish"
                 else "file changed size while being read")
@@ -467,11 +468,14 @@ def test_digests_match_fsverity(tmp_path, size):
 
 @pytest.mark.parametrize("n", [1, 64, 65, 4095, 4096, 4097, 128 * 4096, 128 * 4096 + 1,
                                129 * 4096, digests.BUFFER_SIZE - 1, digests.BUFFER_SIZE])
-def test_digest_buffer_matches_fsverity(n):
+def test_one_shot_digest_matches_streaming(n):
     data = hashlib.sha512(str(n).encode()).digest() * (n // 64 + 1)
     view = memoryview(bytearray(digests.BUFFER_SIZE))
     view[:n] = data[:n]
-    assert digests.digest_buffer(view, n) == fsverity.digest_bytes(data[:n])
+    streamed = fsverity.FsVerityHasher()
+    for i in range(0, n, 1000):
+        streamed.update(data[i:min(i + 1000, n)])
+    assert fsverity.digest_bytes(view[:n]) == streamed.digest()
 
 
 def test_thread_and_process_workers_agree(tree, monkeypatch):

@@ -75,7 +75,7 @@ def _main(argv: list[str]) -> int:
 def _write(path: str, data: bytes | bytearray) -> None:
     """Write the image to ``path``: through a temporary file and a rename for regular files
     (never a partial image), directly for anything else (``/dev/stdout``, a pipe)."""
-    from mkcfs.build.image import write_atomically
+    from mkcfs.fsutil import write_atomically
 
     try:
         st = os.stat(path)

@@ -156,7 +156,8 @@ def _main(argv: list[str]) -> int:
             hardlinks="hardlinks" in opts, threads=threads,
             digest_store=opts.get("digest-store")))
 
-    from mkcfs.build.image import build_image_from, write_atomically
+    from mkcfs.build.image import build_image_from
+    from mkcfs.fsutil import write_atomically
     image = build_image_from(load_tree, min_version=min_version, max_version=max_version)
 
     if image_path == "-":

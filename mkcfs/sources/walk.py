@@ -41,8 +41,8 @@ import stat
 from dataclasses import dataclass
 from typing import Union
 
-from mkcfs.store.digests import DigestPool, walk_error
-from mkcfs.errors import BuildInputError, WalkError
+from mkcfs.store.digests import DigestPool
+from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
 from mkcfs.progress import Progress
 from mkcfs.tree import HardLink, Node

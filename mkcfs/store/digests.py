@@ -9,13 +9,11 @@ on. Why processes and not threads: see ``DigestPool``.
 
 With a digest store (``mkcfs.store.objects.ObjectStore``) a worker hashes and stores a file in one pass.
 
-A file must have exactly the size ``lstat`` reported: one that grows, shrinks or vanishes while it
-is read is an error naming the path (``WalkError``), never a wrong digest.
+Files are read by ``mkcfs.store.reading`` (exact sizes, holes skipped) and hashed by ``fsverity``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -24,34 +22,35 @@ import threading
 from concurrent.futures import (BrokenExecutor, Executor, Future, ProcessPoolExecutor,
                                 ThreadPoolExecutor)
 from functools import partial
-from operator import methodcaller
-from typing import TYPE_CHECKING
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-import fsverity
-from fsverity import FsVerityHasher, object_path
+from fsverity import object_path
 
 from mkcfs.errors import WalkError
+from mkcfs.store.objects import ObjectStore
+from mkcfs.store.reading import (BUFFER_SIZE, Cancelled, CancelFlag, hash_fd, open_source,
+                                 read_inline)
 from mkcfs.tree import Node
 
 if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.progress import Progress
-    from mkcfs.store.objects import ObjectStore
 
-__all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "hash_fd", "open_source", "read_inline",
-           "digest_path", "digest_buffer", "walk_error", "Cancelled"]
+__all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch"]
 
 #: regular files up to this size are inlined (``LCFS_RECOMMENDED_INLINE_CONTENT_MAX``).
 INLINE_MAX = 64
-#: read buffer of each worker thread.
-BUFFER_SIZE = 1 << 20
 #: a batch handed to one worker holds at most this many files or bytes.
 _BATCH_FILES = 256
 _BATCH_BYTES = 8 << 20
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW | os.O_NONBLOCK
-
 _local = threading.local()
+
+
+class _Event(CancelFlag, Protocol):
+    """``threading.Event`` (thread workers) or ``multiprocessing.Event`` (process workers)."""
+
+    def set(self) -> None: ...
 
 
 def _buffer() -> memoryview:
@@ -62,120 +61,8 @@ def _buffer() -> memoryview:
     return view
 
 
-def walk_error(what: str, path: bytes | str, exc: OSError | str) -> WalkError:
-    """``WalkError("<what> <path>: <reason>")`` from an OSError (or a reason text)."""
-    reason = exc if isinstance(exc, str) else (exc.strerror or str(exc))
-    shown = os.fsdecode(path)
-    err = WalkError(f"{what} {shown}: {reason}")
-    if not isinstance(exc, str):
-        err.errno = exc.errno
-    return err
-
-
-def open_source(path: bytes) -> int:
-    """Open a source file for reading; never follows a symlink, never blocks on a FIFO
-    (both would mean the file changed since it was ``lstat``ed)."""
-    try:
-        return os.open(path, _OPEN_FLAGS)
-    except OSError as exc:
-        raise walk_error("error computing digest of", path, exc) from None
-
-
-def _changed(path: bytes, size: int, got: int) -> WalkError:
-    return walk_error("error computing digest of", path,
-                      f"file changed size while being read ({size} bytes expected, "
-                      f"{'more' if got > size else got} read)")
-
-
-class Cancelled(WalkError):
-    """The build was stopped (another file failed, or the user interrupted it)."""
-
-
-_sha256 = hashlib.sha256
-_get_digest = methodcaller("digest")
-_BLOCK = fsverity.BLOCK_SIZE
-_ZERO_BLOCK = bytes(_BLOCK)
-_DESC_HEAD = bytes((1, 1, 12, 0, 0, 0, 0, 0))   # version 1, SHA-256, 4 KiB blocks, no salt
-_DESC_TAIL = bytes(fsverity.DIGEST_SIZE + 32 + 144)   # root hash padding, salt, reserved
-
-
-def _block_hashes(view: memoryview, n: int) -> bytes:
-    """SHA-256 of each 4 KiB block of ``view[:n]``, the last one zero-padded."""
-    full = n // _BLOCK
-    end = full * _BLOCK
-    hashes = b"".join(map(_get_digest, map(_sha256, map(view.__getitem__, map(
-        slice, range(0, end, _BLOCK), range(_BLOCK, end + _BLOCK, _BLOCK))))))
-    if n > end:
-        h = _sha256(view[end:n])
-        h.update(_ZERO_BLOCK[n - end:])
-        hashes += h.digest()
-    return hashes
-
-
-def digest_buffer(view: memoryview, n: int) -> bytes:
-    """The fs-verity digest of ``view[:n]`` (``n`` > 0) in one go: the same value as
-    ``fsverity.digest_bytes``, without the streaming hasher's per-call overhead, which matters
-    for the many small files of a tree (a file of up to one buffer is read in one piece)."""
-    level = _block_hashes(view, n)
-    while len(level) > fsverity.DIGEST_SIZE:      # one hash left: the root
-        level = _block_hashes(memoryview(level), len(level))
-    return _sha256(_DESC_HEAD + n.to_bytes(8, "little") + level + _DESC_TAIL).digest()
-
-
-def hash_fd(fd: int, size: int, path: bytes, view: memoryview,
-            sink: Callable[[memoryview], object] | None = None,
-            cancel=None) -> bytes:
-    """The fs-verity digest of ``fd`` read from its current position to EOF, which must be
-    exactly ``size`` bytes later. The data read is also passed to ``sink`` (e.g. a writer).
-    ``cancel``, when set, stops the read of a big file between two chunks (``Cancelled``)."""
-    readv = os.readv
-    buflen = len(view)
-    total = 0
-    if 0 < size < buflen:
-        # the whole file fits: read it (a read that returns less than asked for is the end;
-        # the spare room shows a file that grew), then hash it in one go
-        while True:
-            try:
-                n = readv(fd, (view[total:],))
-            except OSError as exc:
-                raise walk_error("error computing digest of", path, exc) from None
-            if not n:
-                break
-            total += n
-            if total >= size:
-                break
-        if total != size:
-            raise _changed(path, size, total)
-        if sink is not None:
-            sink(view[:size])   # its errors are the caller's (e.g. a store write error)
-        return digest_buffer(view, size)
-    hasher = FsVerityHasher()
-    update = hasher.update
-    bufs = (view,)
-    while True:
-        try:
-            n = readv(fd, bufs)
-        except OSError as exc:
-            raise walk_error("error computing digest of", path, exc) from None
-        if not n:
-            break
-        chunk = view[:n]
-        update(chunk)
-        if sink is not None:
-            sink(chunk)
-        total += n
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("cancelled")
-        if total >= size and (n < buflen or total > size):
-            # a short read of a regular file is its end; more than expected is a change
-            break
-    if total != size:
-        raise _changed(path, size, total)
-    return hasher.digest()
-
-
 def digest_path(path: bytes, size: int, view: memoryview | None = None,
-                cancel=None) -> bytes:
+                cancel: CancelFlag | None = None) -> bytes:
     """The fs-verity digest of the file at ``path``, which must have ``size`` bytes."""
     fd = open_source(path)
     try:
@@ -184,33 +71,12 @@ def digest_path(path: bytes, size: int, view: memoryview | None = None,
         os.close(fd)
 
 
-def read_inline(path: bytes, size: int) -> bytes:
-    """The whole content of a small file, which must have exactly ``size`` bytes."""
-    fd = open_source(path)
-    try:
-        data = b""
-        while True:
-            chunk = os.read(fd, size + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > size or len(chunk) < size + 1:
-                break
-    except OSError as exc:
-        raise walk_error("error computing digest of", path, exc) from None
-    finally:
-        os.close(fd)
-    if len(data) != size:
-        raise _changed(path, size, len(data))
-    return data
-
-
 # -- the work of one batch (in a worker process or thread) -----------------------------------------
 
-_worker_state: tuple[ObjectStore | None, object] | None = None   # (store, cancel) of a process
+_worker_state: tuple[ObjectStore | None, CancelFlag] | None = None   # (store, cancel) of a process
 
 
-def _init_worker(parent: int, store_path: bytes | None, cancel: object) -> None:
+def _init_worker(parent: int, store_path: bytes | None, cancel: CancelFlag) -> None:
     """Initializer of a worker process: its own view of the store; the parent handles Ctrl-C;
     die with the parent (a killed build must not leave workers running)."""
     global _worker_state
@@ -224,7 +90,6 @@ def _init_worker(parent: int, store_path: bytes | None, cancel: object) -> None:
         os._exit(1)
     store = None
     if store_path is not None:
-        from mkcfs.store.objects import ObjectStore
         store = ObjectStore(store_path, prepare=False)
     _worker_state = (store, cancel)
 
@@ -235,7 +100,7 @@ def _run_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, 
 
 
 def run_batch(batch: list[tuple[bytes, int]], store: ObjectStore | None,
-              cancel) -> list[bytes | tuple[bytes, bytes]]:
+              cancel: CancelFlag) -> list[bytes | tuple[bytes, bytes]]:
     """For each ``(path, size)``: the content (size <= 64) or ``(digest, object path)``,
     storing the file in ``store`` if given. Stops with ``Cancelled`` once ``cancel`` is set."""
     view = _buffer()
@@ -302,6 +167,8 @@ class DigestPool:
         self._lock = threading.Lock()
         self._closed = False
         self._executor: Executor | None = None
+        self._cancel: _Event
+        self._submit: Callable[[list[tuple[bytes, int]]], Future]
         if processes is None:
             processes = _processes_usable()
         if processes:
@@ -312,8 +179,8 @@ class DigestPool:
         if self._executor is None:
             self._cancel = threading.Event()
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="mkcfs-digest")
-            self._submit = partial(self._executor.submit, run_batch, store=store,
-                                   cancel=self._cancel)
+            self._submit = partial(self._executor.submit, run_batch,  # type: ignore[call-arg]
+                                   store=store, cancel=self._cancel)
         self.processes = isinstance(self._executor, ProcessPoolExecutor)
 
     def _start_processes(self, workers: int, store: ObjectStore | None) -> None:
@@ -330,7 +197,7 @@ class DigestPool:
             raise
         self._cancel = cancel
         self._executor = executor
-        self._submit = partial(executor.submit, _run_in_worker)
+        self._submit = partial(executor.submit, _run_in_worker)  # type: ignore[call-arg]
 
     @property
     def failed(self) -> bool:

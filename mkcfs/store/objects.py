@@ -4,18 +4,24 @@ An object is a copy of a file's data at ``PATH/ab/cdef…``, named by its fs-ver
 (``fsverity.object_path``), mode 0644 whatever the umask; the ``ab`` directories are created with
 mode 0755 (minus the umask). An existing object is left alone and not checked.
 
+This module depends only on ``fsverity`` (digests, the kernel's ioctls), ``mkcfs.fsutil`` (the
+temporary-file protocol) and ``mkcfs.store.reading`` (exact reads of source files); the hashing
+workers (``mkcfs.store.digests``) use it, never the other way round.
+
 Safety
 ------
 * **An object appears under its name only complete.** It is written to a temporary file in the
-  store root (``PATH/.tmp-<pid>-<random>``), fsync'ed, then renamed to its name. A concurrent
-  build that stores the same object renames an identical file over it, which is harmless, so two
-  builds can fill one store at once.
+  store root (``PATH/.tmp-<pid>-<random>``, a ``mkcfs.fsutil.LockedTemp``), fsync'ed, then
+  renamed to its name. A concurrent build that stores the same object renames an identical file
+  over it, which is harmless, so two builds can fill one store at once.
 * **The content is the hashed content.** A new object is normally written while the source is
   read and hashed (one read of the source, and the object is by construction the data that was
-  hashed). When most objects already exist (rebuilding into a filled store), or the filesystem
-  can reflink (the first copy of a run finds out), the file is hashed first and only copied when
-  missing (``FICLONE``, else ``copy_file_range``, else read/write); the source's size, mtime and
-  ctime are then checked not to have changed between the hash and the copy.
+  hashed). When most objects already exist (rebuilding into a filled store), the filesystem can
+  reflink (the first copy of a run finds out), or the source is sparse, the file is hashed first
+  and only copied when missing (``FICLONE``, else ``copy_file_range``, else read/write; only the
+  data regions of a sparse file, so the copy keeps its holes). On every path the source's size,
+  mtime and ctime are checked not to have changed between the start of the read and the end of
+  the copy: a source that changed is refused, naming its path.
 * The store directory is created (``mkdir -p``, 0755 minus umask) and checked when it is opened,
   before any work, so an unusable store fails a build at once (mkcomposefs 1.0.8 creates it only
   when it copies the first object, after the whole walk).
@@ -24,8 +30,9 @@ Safety
   no lock; ``ObjectStore()`` removes those when the store is opened next. A temporary file that is
   locked belongs to a live build and is never touched. (mkcomposefs 1.0.8's own ``.tmpXXXXXX``
   files carry no lock and are left alone.)
-* fs-verity is enabled on new objects (``FS_IOC_ENABLE_VERITY``) before they get their name where
-  the kernel and filesystem support it; the first "not supported" answer stops further tries.
+* fs-verity is enabled on new objects (``fsverity.kernel.enable_verity``) before they get their
+  name where the kernel and filesystem support it; the first "not available" answer stops further
+  tries, and any other failure only leaves that object without fs-verity.
 """
 
 from __future__ import annotations
@@ -33,32 +40,27 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
-import struct
 import threading
+from typing import Any
 
 from collections.abc import Iterable
 
-from fsverity import FsVerityHasher, object_path
+from fsverity import FsVerityHasher, data_extents, digest_bytes, is_sparse, object_path
+from fsverity.kernel import enable_verity
 
-from mkcfs.store.digests import BUFFER_SIZE, digest_buffer, hash_fd, open_source, walk_error
-from mkcfs.errors import WalkError
+from mkcfs.errors import StoreError, WalkError, path_error, walk_error
+from mkcfs.fsutil import LockedTemp, makedirs, remove_stale_temporaries
+from mkcfs.store.reading import (BUFFER_SIZE, CancelFlag, Snapshot, file_changed, hash_fd,
+                                 open_source, snapshot)
 
-__all__ = ["ObjectStore", "TEMP_PREFIX", "OBJECT_MODE", "FICLONE", "FS_IOC_ENABLE_VERITY"]
+__all__ = ["ObjectStore", "TEMP_PREFIX", "OBJECT_MODE", "FICLONE"]
 
 #: ``_IOW(0x94, 9, int)``: clone (reflink) the whole of the source file into the target.
 FICLONE = 0x40049409
-#: ``_IOW('f', 133, struct fsverity_enable_arg)``.
-FS_IOC_ENABLE_VERITY = 0x40806685
-#: ``struct fsverity_enable_arg``: version 1, SHA-256, 4096-byte blocks, no salt, no signature.
-_VERITY_ARG = struct.pack("<IIIIQIIQ88x", 1, 1, 4096, 0, 0, 0, 0, 0)
-#: errors of the ioctl that mean "never available here" (stop trying for this run).
-_VERITY_UNSUPPORTED = frozenset((errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL))
 
 TEMP_PREFIX = b".tmp-"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
-_NEW_TEMP_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _COPY_CHUNK = 1 << 30
 
 
@@ -85,101 +87,11 @@ def _syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-_libc = None
+_libc: Any = None
 
 
-def _store_error(path: bytes, exc: OSError | str) -> WalkError:
-    return walk_error("cannot fill store", path, exc)
-
-
-def _mkdirs(path: bytes) -> None:
-    """``mkdir -p`` with mode 0755 (minus umask) at every level; ENOTDIR if a component is a
-    file."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        parent = os.path.dirname(path.rstrip(b"/"))
-        if parent and parent != path:
-            _mkdirs(parent)
-        try:
-            os.mkdir(path, DIR_MODE)
-        except FileExistsError:
-            pass
-        st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-
-
-class _Temp:
-    """A new temporary file in the store root, locked until committed or discarded.
-
-    It is created read-only and ``flock``ed at once through that descriptor (which later also
-    enables fs-verity, once the writer is closed); the writer is opened by name only after the
-    lock is held. A cleaner that took the new file for a stale one in the instant before the
-    lock can only have removed it (seen as nlink 0: we start again); once the file is locked
-    no cleaner touches it."""
-
-    __slots__ = ("name", "wfd", "rfd")
-
-    def __init__(self, root: bytes, lock: bool) -> None:
-        while True:
-            name = b"%s/%s%d-%s" % (root, TEMP_PREFIX, os.getpid(), os.urandom(8).hex().encode())
-            try:
-                rfd = os.open(name, _NEW_TEMP_FLAGS, 0o600)
-            except FileExistsError:   # 64 random bits met again: draw new ones
-                continue
-            wfd = -1
-            try:
-                if lock:
-                    fcntl.flock(rfd, fcntl.LOCK_EX)
-                    if os.fstat(rfd).st_nlink == 0:
-                        os.close(rfd)   # removed by a cleaner before we locked it
-                        continue
-                wfd = os.open(name, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except BaseException:
-                if wfd >= 0:
-                    os.close(wfd)
-                try:
-                    os.unlink(name)
-                except OSError:
-                    pass
-                os.close(rfd)
-                raise
-            self.name, self.wfd, self.rfd = name, wfd, rfd
-            return
-
-    def write(self, data: memoryview) -> None:
-        fd = self.wfd
-        while data:
-            data = data[os.write(fd, data):]
-
-    def finish(self, store: ObjectStore, sync: bool) -> None:
-        """Complete the data: mode 0644, fsync (unless the caller syncs a group later), close
-        the writer, enable fs-verity. The file keeps its temporary name and its lock."""
-        os.fchmod(self.wfd, OBJECT_MODE)
-        if sync:
-            os.fsync(self.wfd)
-        os.close(self.wfd)
-        self.wfd = -1
-        store._enable_verity(self.rfd)
-
-    def place(self, final: bytes) -> None:
-        """Give the finished (and durable) file its object name; release the lock."""
-        os.rename(self.name, final)
-        os.close(self.rfd)
-        self.rfd = -1
-
-    def discard(self) -> None:
-        if self.wfd >= 0:
-            os.close(self.wfd)
-            self.wfd = -1
-        if self.rfd >= 0:
-            try:
-                os.unlink(self.name)
-            except OSError:
-                pass
-            os.close(self.rfd)   # the lock goes last
-            self.rfd = -1
+def _store_error(path: bytes, exc: OSError | str) -> StoreError:
+    return path_error(StoreError, "cannot fill store", path, exc)
 
 
 class ObjectStore:
@@ -202,19 +114,19 @@ class ObjectStore:
         if not prepare:   # another view of a store already opened (a worker process)
             return
         try:
-            _mkdirs(self.root)
+            makedirs(self.root, DIR_MODE)
         except OSError as exc:
             raise _store_error(self.path, exc) from None
         self.clean_stale_temps()
         # fail now, not after the walk, when the store is not writable
         try:
             try:
-                probe = _Temp(self.root, True)
+                probe = LockedTemp(self.root, TEMP_PREFIX, lock=True)
             except OSError as exc:
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self._lock_temps = False
-                probe = _Temp(self.root, False)
+                probe = LockedTemp(self.root, TEMP_PREFIX, lock=False)
             probe.discard()
         except OSError as exc:
             raise _store_error(self.path, exc) from None
@@ -239,7 +151,7 @@ class ObjectStore:
         if sub not in self._dirs:
             directory = b"%s/%s" % (self.root, sub)
             try:
-                _mkdirs(directory)
+                makedirs(directory, DIR_MODE)
             except OSError as exc:
                 raise _store_error(directory, exc) from None
             with self._dirs_lock:
@@ -259,7 +171,7 @@ class ObjectStore:
     # -- adding files -------------------------------------------------------------------------
 
     def add_file(self, src: bytes, size: int, view: memoryview,
-                 cancel: threading.Event | None = None, defer: bool = False) -> bytes:
+                 cancel: CancelFlag | None = None, defer: bool = False) -> bytes:
         """Hash the regular file ``src`` (``size`` bytes) and make sure its object exists.
         Returns the fs-verity digest. ``view`` is the caller's read buffer.
 
@@ -269,9 +181,14 @@ class ObjectStore:
         of small objects, and the fsyncs were most of the time of a build)."""
         fd = open_source(src)
         try:
-            if self._reflink is None or self._reflink or self._hit_score > 4.0:
-                return self._hash_then_copy(fd, src, size, view, cancel, defer)
-            return self._copy_while_hashing(fd, src, size, view, cancel, defer)
+            try:
+                before = snapshot(fd)
+                sparse = size > len(view) and is_sparse(os.fstat(fd))
+            except OSError as exc:
+                raise path_error(WalkError, "error computing digest of", src, exc) from None
+            if sparse or self._reflink is None or self._reflink or self._hit_score > 4.0:
+                return self._hash_then_copy(fd, src, size, view, before, cancel, defer, sparse)
+            return self._copy_while_hashing(fd, src, size, view, before, cancel, defer)
         finally:
             os.close(fd)
 
@@ -290,7 +207,7 @@ class ObjectStore:
             if len(data) != size:
                 raise walk_error("cannot store", name.encode(),
                                  f"{len(data)} bytes instead of {size}")
-            digest = digest_buffer(memoryview(data), size) if size else FsVerityHasher().digest()
+            digest = digest_bytes(data)
             final, exists = self._target(digest)
             if not exists:
                 temp = self._new_temp()
@@ -304,7 +221,7 @@ class ObjectStore:
                     temp.discard()
                     raise
             return digest
-        stream_temp: _Temp | None = self._new_temp()
+        stream_temp: LockedTemp | None = self._new_temp()
         assert stream_temp is not None
         try:
             hasher = FsVerityHasher()
@@ -329,18 +246,28 @@ class ObjectStore:
                 stream_temp.discard()
         return digest
 
-    def _pending(self) -> list[tuple[_Temp, bytes]]:
+    def _pending(self) -> list[tuple[LockedTemp, bytes]]:
         pending = getattr(self._local, "pending", None)
         if pending is None:
             pending = self._local.pending = []
         return pending
 
-    def _commit(self, temp: _Temp, final: bytes, defer: bool) -> None:
-        """``temp`` is complete: name it ``final`` now (fsync first), or at the next flush."""
+    def _new_temp(self) -> LockedTemp:
+        """A new locked temporary file in the store root, for an object being written."""
         try:
-            temp.finish(self, sync=not defer)
+            return LockedTemp(self.root, b"%s%d-" % (TEMP_PREFIX, os.getpid()),
+                              lock=self._lock_temps)
+        except OSError as exc:
+            raise _store_error(self.path, exc) from None
+
+    def _commit(self, temp: LockedTemp, final: bytes, defer: bool) -> None:
+        """``temp`` holds the complete object ``final``: mode 0644, fs-verity, then the name
+        now (fsync first), or at this thread's next ``flush`` (see ``add_file``)."""
+        try:
+            temp.finish(OBJECT_MODE, sync=not defer)
+            self._enable_verity(temp.lock_fd)
             if not defer:
-                temp.place(final)
+                temp.commit(final)
                 return
         except OSError as exc:
             raise _store_error(final, exc) from None
@@ -356,14 +283,14 @@ class ObjectStore:
             return
         try:
             try:
-                _syncfs(pending[0][0].rfd)
+                _syncfs(pending[0][0].lock_fd)
             except OSError:
                 for temp, _ in pending:
-                    os.fsync(temp.rfd)
+                    os.fsync(temp.lock_fd)
             while pending:
                 temp, final = pending[0]
                 try:
-                    temp.place(final)
+                    temp.commit(final)
                 except OSError as exc:
                     raise _store_error(final, exc) from None
                 pending.pop(0)
@@ -376,22 +303,20 @@ class ObjectStore:
         while pending:
             pending.pop()[0].discard()
 
-    def _new_temp(self) -> _Temp:
-        try:
-            return _Temp(self.root, self._lock_temps)
-        except OSError as exc:
-            raise _store_error(self.path, exc) from None
-
     def _copy_while_hashing(self, fd: int, src: bytes, size: int, view: memoryview,
-                            cancel: threading.Event | None, defer: bool) -> bytes:
-        temp = self._new_temp()
+                            before: Snapshot, cancel: CancelFlag | None, defer: bool) -> bytes:
+        temp: LockedTemp | None = self._new_temp()
+        assert temp is not None
         try:
             try:
-                digest = hash_fd(fd, size, src, view, temp.write, cancel)
+                digest = hash_fd(fd, size, src, view, temp, cancel)
+                after = snapshot(fd)
             except OSError as exc:
                 if isinstance(exc, WalkError):
                     raise
                 raise _store_error(temp.name, exc) from None   # a write error
+            if after != before:
+                raise file_changed(src)
             final, exists = self._target(digest)
             if not exists:
                 self._commit(temp, final, defer)
@@ -402,25 +327,23 @@ class ObjectStore:
         return digest
 
     def _hash_then_copy(self, fd: int, src: bytes, size: int, view: memoryview,
-                        cancel: threading.Event | None, defer: bool) -> bytes:
-        before = os.fstat(fd)
+                        before: Snapshot, cancel: CancelFlag | None, defer: bool,
+                        sparse: bool) -> bytes:
         digest = hash_fd(fd, size, src, view, None, cancel)
         final, exists = self._target(digest)
         if exists:
             return digest
-        temp = self._new_temp()
+        temp: LockedTemp | None = self._new_temp()
+        assert temp is not None
         try:
             try:
-                self._copy(fd, temp, size, view)
-                after = os.fstat(fd)
-                written = os.fstat(temp.wfd).st_size
+                self._copy(fd, temp, size, view, sparse)
+                after = snapshot(fd)
+                written = os.fstat(temp.fd).st_size
             except OSError as exc:
                 raise _store_error(final, exc) from None
-            if ((after.st_size, after.st_mtime_ns, after.st_ctime_ns)
-                    != (before.st_size, before.st_mtime_ns, before.st_ctime_ns)
-                    or written != size):
-                raise walk_error("error computing digest of", src,
-                                 "file changed while being copied to the store")
+            if after != before or written != size:
+                raise file_changed(src)
             self._commit(temp, final, defer)
             temp = None
         finally:
@@ -428,9 +351,11 @@ class ObjectStore:
                 temp.discard()
         return digest
 
-    def _copy(self, src_fd: int, temp: _Temp, size: int, view: memoryview) -> None:
-        """Copy all of ``src_fd`` into ``temp``: reflink, else copy_file_range, else read/write."""
-        dst_fd = temp.wfd
+    def _copy(self, src_fd: int, temp: LockedTemp, size: int, view: memoryview,
+              sparse: bool) -> None:
+        """Copy all of ``src_fd`` into ``temp``: reflink, else copy_file_range, else read/write
+        (a sparse source: only its data regions, then the size)."""
+        dst_fd = temp.fd
         if self._reflink is not False:
             try:
                 fcntl.ioctl(dst_fd, FICLONE, src_fd)
@@ -438,11 +363,23 @@ class ObjectStore:
                 return
             except OSError:
                 self._reflink = False
-        done = 0
-        if self._copy_range and size:
+        if not sparse:
+            self._copy_range_of(src_fd, dst_fd, 0, size, view)
+            return
+        for start, length in data_extents(src_fd, 0, size):
+            self._copy_range_of(src_fd, dst_fd, start, length, view)
+        os.ftruncate(dst_fd, size)
+
+    def _copy_range_of(self, src_fd: int, dst_fd: int, start: int, length: int,
+                       view: memoryview) -> None:
+        """Copy bytes ``start`` to ``start + length`` (or to EOF if that comes first) to the
+        same offsets: copy_file_range, else pread/pwrite."""
+        done = start
+        end = start + length
+        if self._copy_range and length:
             try:
-                while done < size:
-                    n = os.copy_file_range(src_fd, dst_fd, min(size - done, _COPY_CHUNK),
+                while done < end:
+                    n = os.copy_file_range(src_fd, dst_fd, min(end - done, _COPY_CHUNK),
                                            done, done)
                     if n == 0:
                         break
@@ -452,57 +389,32 @@ class ObjectStore:
                     self._copy_range = False
                 elif exc.errno not in (errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL, errno.EBADF):
                     raise
-            if done == size:
+            if done >= end:
                 return
-        # plain copy of whatever is left
-        readv = os.readv
-        bufs = (view,)
-        os.lseek(src_fd, done, os.SEEK_SET)
-        os.lseek(dst_fd, done, os.SEEK_SET)
-        while True:
-            n = readv(src_fd, bufs)
+        while done < end:
+            n = os.preadv(src_fd, (view[:min(len(view), end - done)],), done)
             if not n:
-                break
-            temp.write(view[:n])
+                break   # the source ended early: the caller's size check catches it
+            chunk, offset = view[:n], done
+            while chunk:
+                written = os.pwrite(dst_fd, chunk, offset)
+                chunk, offset = chunk[written:], offset + written
+            done += n
 
     def _enable_verity(self, fd: int) -> None:
         if not self._verity:
             return
         try:
-            fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, _VERITY_ARG)
-        except OSError as exc:
-            if exc.errno in _VERITY_UNSUPPORTED:
-                self._verity = False
+            if not enable_verity(fd):
+                self._verity = False   # not available here: stop trying
+        except OSError:
+            pass   # this object stays without fs-verity; it is still a valid object
 
     # -- crash recovery -----------------------------------------------------------------------
 
     def clean_stale_temps(self) -> int:
         """Remove the temporary files of builds that no longer run (not locked). Returns how
         many were removed."""
-        removed = 0
-        try:
-            entries = [e.name for e in os.scandir(self.root) if e.name.startswith(TEMP_PREFIX)]
-        except OSError as exc:
-            raise _store_error(self.path, exc) from None
-        for name in entries:
-            path = b"%s/%s" % (self.root, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)   # locked by a live build (or locks unsupported): leave it
-                continue
-            try:
-                st = os.fstat(fd)
-                now = os.lstat(path)
-                if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
-                    os.unlink(path)
-                    removed += 1
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        return removed
+        if not os.path.isdir(self.root):
+            raise _store_error(self.path, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+        return remove_stale_temporaries(self.root, TEMP_PREFIX)
