@@ -132,7 +132,7 @@ def _mounts_lock(store: ManagedStore) -> Iterator[None]:
 
 
 def _write_state(path: str, state: MountState) -> None:
-    from mkcfs.build.image import write_atomically   # the project's temp + rename protocol
+    from mkcfs.fsutil import write_atomically   # the project's temp + rename protocol
 
     data = json.dumps(asdict(state), indent=1, sort_keys=True).encode() + b"\n"
     try:

@@ -114,7 +114,7 @@ class ManagedStore:
                 return path, False
             data = build(self.objects)
             # the import is here: write_atomically is the project's temp + rename protocol
-            from mkcfs.build.image import write_atomically
+            from mkcfs.fsutil import write_atomically
             try:
                 write_atomically(path, data, mode=IMAGE_MODE, durable=True)
             except OSError as exc:
