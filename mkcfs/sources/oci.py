@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Union
 
-from fsverity import FsVerityHasher, object_path
+from fsverity import FsVerityHasher, digest_bytes, object_path
 
 from mkcfs.errors import BuildInputError
 from mkcfs.sources.layers import LayerMerger, MergeOptions
@@ -45,7 +45,7 @@ from mkcfs.sources.layerstream import (RATIO_LIMIT, CheckedStream, LayerError, P
                                        VerifiedBlob, decompressor, sniff_compression)
 from mkcfs.sources.tarlayer import TarReader
 from mkcfs.sources.transport import ImageSource, parse_source
-from mkcfs.store.digests import BUFFER_SIZE, INLINE_MAX, digest_buffer
+from mkcfs.store.digests import BUFFER_SIZE, INLINE_MAX
 from mkcfs.tree import Node
 
 __all__ = ["ImageTree", "OciOptions", "load_image_tree", "build_oci_image", "LAYER_MEDIA_TYPES",
@@ -488,7 +488,7 @@ def _digest_chunks(chunks: Iterator[memoryview], size: int) -> bytes:
     """fs-verity digest of a member's data (as ``ObjectStore.add_stream`` computes it)."""
     if size <= BUFFER_SIZE:
         data = b"".join(chunks)
-        return digest_buffer(memoryview(data), len(data))
+        return digest_bytes(data)
     hasher = FsVerityHasher()
     for chunk in chunks:
         hasher.update(chunk)
