@@ -4,11 +4,13 @@ and the single place where errors become one line on stderr and an exit status.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import select
 import signal
 import sys
-from typing import NoReturn
+from typing import BinaryIO, NoReturn
 from collections.abc import Callable, Sequence
 
 from erofs.errors import ImageFormatError, InternalError
@@ -132,11 +134,69 @@ def check_output_dir(path: str) -> None:
         raise CfsError(f"failed to open output file {path}: Is a directory")
 
 
+def write_all(stream: BinaryIO, data: bytes | bytearray | memoryview) -> None:
+    """Write every byte of ``data`` to ``stream`` or raise.
+
+    A buffered stream over a pipe returns a short count (and raises nothing) when the reader
+    goes away in the middle of a large write; writing the rest then raises
+    ``BrokenPipeError``, so a cut output never passes for a complete one."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = stream.write(view)
+        if n is None:   # a non-blocking stream that could take nothing: wait for it
+            select.select([], [stream], [])
+            continue
+        view = view[n:]
+
+
+class FullWriter:
+    """A binary output stream whose ``write`` writes everything (see :func:`write_all`)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        write_all(self._stream, data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def stdout() -> FullWriter:
+    """Standard output, binary, with complete writes: the one way the tools print."""
+    return FullWriter(sys.stdout.buffer)
+
+
 def write_stdout(data: bytes | bytearray) -> None:
-    """Write bytes to standard output and flush."""
-    out = sys.stdout.buffer
+    """Write all of ``data`` to standard output and flush."""
+    out = stdout()
     out.write(data)
     out.flush()
+
+
+def _die_of_sigpipe(prog: str) -> int:
+    """Standard output's reader went away: end as the C tools do, killed by SIGPIPE (status
+    141 in a shell), so that ``set -o pipefail`` sees the cut output as a failure.
+
+    Only the real process does that; inside a test harness that replaced ``sys.stdout`` it is
+    one line and status 1 instead (never 0 either way)."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    if sys.stdout is sys.__stdout__ and hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGPIPE)
+    # still alive (SIGPIPE blocked, or not the real stdout): say so, and skip the exit-time flush
+    sys.stdout = None  # type: ignore[assignment]
+    sys.stderr.write(f"{prog}: standard output: Broken pipe\n")
+    return 1
+
+
+def _flush_stdout() -> None:
+    """Flush what the text layer still holds, so that a broken pipe is seen here (and not by
+    the interpreter's exit-time flush, which would print a traceback-like warning)."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 def run(prog: str, usage: str, body: Callable[[list[str]], int],
@@ -152,7 +212,13 @@ def run(prog: str, usage: str, body: Callable[[list[str]], int],
 
 def _run(prog: str, usage: str, body: Callable[[list[str]], int], argv: Sequence[str]) -> int:
     try:
-        return body(list(argv))
+        try:
+            status = body(list(argv))
+        finally:
+            _flush_stdout()
+        return status
+    except BrokenPipeError:
+        return _die_of_sigpipe(prog)
     except ExitStatus as exc:
         return exc.status
     except UsageError as exc:
@@ -165,10 +231,6 @@ def _run(prog: str, usage: str, body: Callable[[list[str]], int], argv: Sequence
         return 1
     except InternalError as exc:   # a bug of ours, not the user's input
         sys.stderr.write(f"{prog}: internal error (please report): {exc}\n")
-        return 1
-    except BrokenPipeError:
-        # stdout closed early (e.g. piped to head): not an error of ours
-        sys.stdout = None  # type: ignore[assignment]
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")

@@ -90,7 +90,7 @@ def _write(path: str, data: bytes | bytearray) -> None:
             write_atomically(os.path.realpath(path), data)
         else:
             with open(path, "wb") as f:
-                f.write(data)
+                common.write_all(f, data)
     except IsADirectoryError as exc:
         common.fail(f"failed to open '{path}'", exc.errno)
     except OSError as exc:

@@ -184,7 +184,7 @@ class _Ls:
         from mkcfs.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Node
 
         out: list[bytes] = []
-        write = sys.stdout.buffer.write
+        write = common.stdout().write
         names: list[bytes] = [b""]
         stack = [iter(sorted((root.children or {}).items()))]
         join = b"/".join
@@ -224,7 +224,7 @@ class _Dump:
     def __call__(self, root) -> None:
         from mkcfs.sources.dumpfile import write_dumpfile
 
-        write_dumpfile(root, sys.stdout.buffer)
+        write_dumpfile(root, common.stdout())
 
     def end(self) -> None:
         sys.stdout.buffer.flush()
@@ -244,9 +244,7 @@ class _Objects:
     def end(self) -> None:
         paths = (sorted(self.paths) if self.basedir_fd is None
                  else missing_objects(self.paths, [self.basedir_fd]))
-        out = sys.stdout.buffer
-        out.write(b"".join(p + b"\n" for p in paths))
-        out.flush()
+        common.write_stdout(b"".join(p + b"\n" for p in paths))
 
 
 # --- measure-file -----------------------------------------------------------------------------
@@ -254,7 +252,7 @@ class _Objects:
 def _measure_files(paths: list[str]) -> int:
     if not paths:
         _usage_exit("No files specified\n")
-    out = sys.stdout.buffer
+    out = common.stdout()
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

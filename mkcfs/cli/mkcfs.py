@@ -45,8 +45,13 @@ def _top_usage() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        sys.stdout.write(_top_usage())
-        return 0 if argv else 2
+        status = 0 if argv else 2
+
+        def usage(_: list[str]) -> int:
+            sys.stdout.write(_top_usage())
+            return status
+
+        return common.run(PROG, "", usage, [])
     name = argv[0]
     if name not in SUBCOMMANDS:
         sys.stderr.write(f"{PROG}: unknown subcommand '{name}'\n{_top_usage()}")
