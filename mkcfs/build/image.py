@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from erofs.errors import LayoutError
 from erofs.writer import build_image as _emit
