@@ -48,8 +48,8 @@ from mkcfs.sources.transport import ImageSource, parse_source
 from mkcfs.store.digests import BUFFER_SIZE, INLINE_MAX
 from mkcfs.tree import Node
 
-__all__ = ["ImageTree", "OciOptions", "load_image_tree", "build_oci_image", "LAYER_MEDIA_TYPES",
-           "host_platform", "LayerError"]
+__all__ = ["ImageTree", "OciOptions", "load_image_tree", "build_oci_image", "image_digest",
+           "LAYER_MEDIA_TYPES", "host_platform", "LayerError"]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
@@ -541,6 +541,42 @@ def _apply_layer(layer: _Layer, merger: LayerMerger, store: Any, options: OciOpt
             close()
 
 
+def _chosen_platform(options: OciOptions) -> str:
+    platform = options.platform or host_platform()
+    if platform.count("/") not in (1, 2) or not all(platform.split("/")):
+        raise BuildInputError(f"bad platform {platform!r} (expected OS/ARCH[/VARIANT])")
+    return platform
+
+
+def _image_files(source: ImageSource) -> _Files:
+    """The files of an ``oci``/``oci-archive``/``docker-archive`` source."""
+    archive = source.transport != "oci"
+    if not archive and not os.path.isdir(source.path):
+        raise LayerError(f"{source.path}: not a directory")
+    return _Files(source.path, archive)
+
+
+def image_digest(source: str | ImageSource, options: OciOptions | None = None) -> str | None:
+    """The digest ``load_image_tree(source, options)`` returns as ``manifest_digest``, found
+    without reading a layer (the index and the manifest; for docker-archive manifest.json and
+    the config): cheap enough to name a built image before deciding whether to build it
+    (``mkcfs mount``). None for plain layer files (``tar:``)."""
+    if options is None:
+        options = OciOptions()
+    if isinstance(source, str):
+        source = parse_source(source)
+    if source.transport == "tar":
+        return None
+    platform = _chosen_platform(options)
+    files = _image_files(source)
+    try:
+        if source.transport == "docker-archive":
+            return _docker_layers(files, source)[1]
+        return _OciLayout(files, source).choose(platform)[1]
+    finally:
+        files.close()
+
+
 def load_image_tree(source: str | ImageSource, options: OciOptions | None = None) -> ImageTree:
     """The merged tree of an image source (see the module docstring)."""
     if options is None:
@@ -549,22 +585,18 @@ def load_image_tree(source: str | ImageSource, options: OciOptions | None = None
         raise BuildInputError("--user-xattrs and --skip-xattrs cannot be used together")
     if isinstance(source, str):
         source = parse_source(source)
-    platform = options.platform or host_platform()
-    if platform.count("/") not in (1, 2) or not all(platform.split("/")):
-        raise BuildInputError(f"bad platform {platform!r} (expected OS/ARCH[/VARIANT])")
+    platform = _chosen_platform(options)
     files = None
     try:
         if source.transport == "tar":
             layers, manifest_digest, config_digest = _tar_layers(source), None, None
-        elif source.transport == "docker-archive":
-            files = _Files(source.path, archive=True)
-            layers, manifest_digest, config_digest = _docker_layers(files, source)
         else:
-            archive = source.transport == "oci-archive"
-            if not archive and not os.path.isdir(source.path):
-                raise LayerError(f"{source.path}: not a directory")
-            files = _Files(source.path, archive)
-            layers, manifest_digest, config_digest = _OciLayout(files, source).layers(platform)
+            files = _image_files(source)
+            if source.transport == "docker-archive":
+                layers, manifest_digest, config_digest = _docker_layers(files, source)
+            else:
+                layers, manifest_digest, config_digest = _OciLayout(files, source).layers(
+                    platform)
         store = None
         if options.digest_store is not None:
             from mkcfs.store.objects import ObjectStore
