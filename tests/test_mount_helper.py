@@ -76,7 +76,7 @@ def walk_resolver(src: Path, digest: str, calls: Path, *,
     """An ``oci`` hook that "builds" ``src`` (a directory) as the image with manifest
     ``digest``; every build appends a line to ``calls`` (so builds in several processes can
     be counted) and runs ``during()`` after the objects are stored, before the image exists."""
-    def resolver(source: str):
+    def resolver(source: str, options: BuildOptions):
         def build(objects: str) -> bytes:
             from mkcfs.build.image import build_image
             from mkcfs.sources.walk import WalkOptions, walk_directory
@@ -157,7 +157,7 @@ def test_store_builds_once_and_leaves_no_temporaries(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src")
     calls = tmp_path / "calls"
     managed = ManagedStore(str(tmp_path / "store"))
-    _, build = walk_resolver(src, "sha256:1", calls)("x")
+    _, build = walk_resolver(src, "sha256:1", calls)("x", BuildOptions())
     path, built = managed.ensure_image("x.cfs", build)
     assert built and Path(path).is_file()
     assert managed.ensure_image("x.cfs", build) == (path, False)

@@ -51,14 +51,36 @@ def is_composefs_image(path: str) -> bool:
 
 #: ``build(objects_dir) -> image bytes``: fills the object store directory, returns the image
 Builder = Callable[[str], bytes | bytearray]
-#: ``(source) -> (manifest digest, build)``: how an OCI reference becomes an image; finding the
-#: digest must be cheap (it runs on every mount), the build runs only when the store lacks it.
-OciResolver = Callable[[str], tuple[str, Builder]]
+#: ``(source, options) -> (manifest digest, build)``: how an OCI reference becomes an image;
+#: finding the digest must be cheap (it runs on every mount), the build runs only when the store
+#: lacks the image.
+OciResolver = Callable[[str, BuildOptions], tuple[str, Builder]]
 
 
-def _default_oci_resolver(source: str) -> tuple[str, Builder]:
-    raise SourceError(errno.ENOENT, f"{source}: not a composefs image, and OCI sources "
-                                    "are not available in this version")
+def oci_resolver(source: str, options: BuildOptions) -> tuple[str, Builder]:
+    """An OCI reference (``OCI_DIR:REF`` as LXC passes it, or ``oci:``, ``oci-archive:``,
+    ``docker-archive:``) as (manifest digest, builder), reading only the index and the
+    manifest. A bare ``OCI_DIR:REF`` that starts like a transport (a relative directory called
+    ``oci``) is taken as the transport: write ``./oci:REF``."""
+    from mkcfs.sources.oci import OciOptions, build_oci_image, image_digest
+    from mkcfs.sources.transport import TRANSPORTS, parse_source
+
+    transport = source.partition(":")[0]
+    # a bare OCI_DIR:REF is LXC's form; "oci:x" is a transport even if a directory "oci:x" exists
+    parsed = parse_source(source if transport in TRANSPORTS else "oci:" + source)
+    if parsed.transport == "tar":
+        raise SourceError(errno.EINVAL, f"{source}: plain layer files have no image digest to "
+                                        "name the image by; give an OCI image")
+    digest = image_digest(parsed)
+    if digest is None:     # pragma: no cover - every transport but tar: has one
+        raise SourceError(errno.EINVAL, f"{source}: the image has no digest")
+
+    def build(objects: str) -> bytes | bytearray:
+        return build_oci_image(parsed, OciOptions(digest_store=objects),
+                               min_version=options.min_version,
+                               max_version=options.max_version).data
+
+    return digest, build
 
 
 def resolve(source: str, store: ManagedStore, *, options: BuildOptions = DEFAULT_BUILD,
@@ -66,6 +88,6 @@ def resolve(source: str, store: ManagedStore, *, options: BuildOptions = DEFAULT
     """SOURCE as an image file (built into ``store`` first when it is an OCI reference)."""
     if is_composefs_image(source):
         return ResolvedImage(os.path.abspath(source), store.objects, from_store=False)
-    digest, build = (oci or _default_oci_resolver)(source)
+    digest, build = (oci or oci_resolver)(source, options)
     path, built = store.ensure_image(image_name(digest, options), build)
     return ResolvedImage(path, store.objects, built=built)
