@@ -207,37 +207,29 @@ def _remove(path: str) -> None:
 # persist directory
 # --------------------------------------------------------------------------------------------
 
-def prepare_persist(persist: str, created: list[str]) -> tuple[str, str]:
+def prepare_persist(persist: str, created: list[bytes]) -> tuple[str, str]:
     """Create PERSIST, PERSIST/persist and PERSIST/work where missing; return (upper, work).
-    Every directory created is appended to ``created`` (to be removed if the mount fails)."""
+    Every directory created is appended to ``created`` (``fsutil.remove_created_dirs`` removes
+    them if the mount fails)."""
+    from mkcfs.fsutil import makedirs
+
     persist = os.path.abspath(persist)
-    if os.path.lexists(persist) and not os.path.isdir(persist):
-        raise HelperError(errno.ENOTDIR, f"persist directory {persist}: Not a directory")
-    missing = []
-    parent = persist
-    while not os.path.lexists(parent):
-        missing.append(parent)
-        parent = os.path.dirname(parent)
     upper = os.path.join(persist, PERSIST_UPPER)
     work = os.path.join(persist, PERSIST_WORK)
-    for path in [*reversed(missing), upper, work]:
+    for path in (upper, work):
         try:
-            os.mkdir(path, 0o755)
-            created.append(path)
-        except FileExistsError:
-            if not os.path.isdir(path):
-                raise HelperError(errno.ENOTDIR,
-                                  f"persist directory {path}: Not a directory") from None
+            created += makedirs(os.fsencode(path))
         except OSError as exc:
+            where = os.fsdecode(exc.filename) if exc.filename else path
             raise HelperError(exc.errno or errno.EIO,
-                              f"persist directory {path}: {exc.strerror or exc}") from None
+                              f"persist directory {where}: {exc.strerror or exc}") from None
     return upper, work
 
 
-def _remove_created(created: list[str]) -> None:
-    for path in reversed(created):
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
+def _remove_created(created: list[bytes]) -> None:
+    from mkcfs.fsutil import remove_created_dirs
+
+    remove_created_dirs(created)
     created.clear()
 
 
@@ -270,7 +262,7 @@ def mount_source(source: str, mountpoint: str, *, store: str = DEFAULT_STORE,
     mount_opts = MountOptions(**{**asdict(options), "basedirs": list(options.basedirs)
                                  or [image.objects], "source": mount_source_string(managed)})
 
-    created: list[str] = []
+    created: list[bytes] = []
     with _mounts_lock(managed):
         _refuse_if_mounted(mnt, mountpoint)
         _prune_stale(managed, mntns)
