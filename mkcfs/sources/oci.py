@@ -45,7 +45,7 @@ from mkcfs.sources.layerstream import (RATIO_LIMIT, CheckedStream, LayerError, P
                                        VerifiedBlob, decompressor, sniff_compression)
 from mkcfs.sources.tarlayer import TarReader
 from mkcfs.sources.transport import ImageSource, parse_source
-from mkcfs.store.digests import BUFFER_SIZE, INLINE_MAX
+from mkcfs.store.reading import BUFFER_SIZE, INLINE_MAX
 from mkcfs.tree import Node
 
 __all__ = ["ImageTree", "OciOptions", "load_image_tree", "build_oci_image", "image_digest",

@@ -29,7 +29,7 @@ from fsverity import object_path
 
 from mkcfs.errors import WalkError
 from mkcfs.store.objects import ObjectStore
-from mkcfs.store.reading import (BUFFER_SIZE, Cancelled, CancelFlag, hash_fd, open_source,
+from mkcfs.store.reading import (BUFFER_SIZE, INLINE_MAX, Cancelled, CancelFlag, hash_fd, open_source,
                                  read_inline)
 from mkcfs.tree import Node
 
@@ -38,8 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch"]
 
-#: regular files up to this size are inlined (``LCFS_RECOMMENDED_INLINE_CONTENT_MAX``).
-INLINE_MAX = 64
 #: a batch handed to one worker holds at most this many files or bytes.
 _BATCH_FILES = 256
 _BATCH_BYTES = 8 << 20

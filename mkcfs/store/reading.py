@@ -17,9 +17,11 @@ from fsverity import FsVerityHasher, data_extents, digest_bytes, is_sparse
 
 from mkcfs.errors import WalkError, walk_error
 
-__all__ = ["BUFFER_SIZE", "Cancelled", "Sink", "hash_fd", "open_source", "read_inline", "file_changed",
-           "Snapshot", "snapshot"]
+__all__ = ["BUFFER_SIZE", "INLINE_MAX", "Cancelled", "Sink", "hash_fd", "open_source",
+           "read_inline", "file_changed", "Snapshot", "snapshot"]
 
+#: regular files up to this size are inlined (``LCFS_RECOMMENDED_INLINE_CONTENT_MAX``).
+INLINE_MAX = 64
 #: read buffer of each worker thread (a file up to this size is read and hashed in one go).
 BUFFER_SIZE = 1 << 20
 
