@@ -40,6 +40,11 @@ A PATH holding ':' is taken whole when it exists; otherwise the last ':' starts 
 
 options:
   --digest-store=PATH   copy files larger than 64 bytes into the object store PATH
+  --digest-cache=PATH   remember file digests in PATH and do not read again the files
+                        whose inode, size, mtime and ctime are unchanged (directory
+                        source; default: PATH/.mkcfs-digest-cache of --digest-store,
+                        unless the store lies inside SOURCE)
+  --no-digest-cache     use no digest cache
   --use-epoch           set every mtime to 0 (directory source)
   --skip-devices        leave out character and block devices (directory source)
   --skip-xattrs         read no xattrs from the source (directory source)
@@ -62,7 +67,8 @@ options:
 
 OPTIONS = {
     # name: takes a value
-    "digest-store": True, "use-epoch": False, "skip-devices": False, "skip-xattrs": False,
+    "digest-store": True, "digest-cache": True, "no-digest-cache": False, "use-epoch": False,
+    "skip-devices": False, "skip-xattrs": False,
     "user-xattrs": False, "hardlinks": False, "print-digest": False, "print-digest-only": False,
     "from-file": False, "min-version": True, "max-version": True, "threads": True, "help": False,
     "platform": True, "layer": True,
@@ -150,11 +156,18 @@ def _main(argv: list[str]) -> int:
                                   strict="CFS_PARSE_STRICT" in os.environ,
                                   source="<stdin>" if source == "-" else source)
         from mkcfs.sources.walk import WalkOptions, walk_directory
+        store = opts.get("digest-store")
+        cache = opts.get("digest-cache")
+        if "no-digest-cache" in opts:
+            cache = None
+        elif cache is None and store is not None:
+            from mkcfs.store.cache import default_cache_path
+            cache = default_cache_path(store, source)
         return walk_directory(source, WalkOptions(
             use_epoch="use-epoch" in opts, skip_devices="skip-devices" in opts,
             skip_xattrs="skip-xattrs" in opts, user_xattrs="user-xattrs" in opts,
             hardlinks="hardlinks" in opts, threads=threads,
-            digest_store=opts.get("digest-store")))
+            digest_store=store, digest_cache=cache or None))
 
     from mkcfs.build.image import build_image_from
     from mkcfs.fsutil import write_atomically

@@ -39,13 +39,19 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-from mkcfs.store.digests import DigestPool
+from fsverity import object_path
+
+from mkcfs.store.digests import INLINE_MAX, DigestPool
 from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
 from mkcfs.progress import Progress
 from mkcfs.tree import HardLink, Node
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mkcfs.store.cache import DigestCache
+    from mkcfs.store.objects import ObjectStore
 
 __all__ = ["WalkOptions", "walk_directory"]
 
@@ -67,7 +73,8 @@ class WalkOptions:
 
     ``threads``: workers reading and hashing files (None: the CPUs this process may run on;
     they are processes, see ``mkcfs.store.digests.DigestPool``). ``digest_store``: object store
-    directory to fill, or None. ``progress``: show a progress line on stderr (None: when
+    directory to fill, or None. ``digest_cache``: digest cache file (``mkcfs.store.cache``) to
+    use and update, or None. ``progress``: show a progress line on stderr (None: when
     stderr is a terminal)."""
 
     use_epoch: bool = False
@@ -77,6 +84,7 @@ class WalkOptions:
     hardlinks: bool = False
     threads: int | None = None
     digest_store: PathArg | None = None
+    digest_cache: PathArg | None = None
     progress: bool | None = None
 
 
@@ -88,9 +96,12 @@ def _default_threads() -> int:
 
 
 class _Walker:
-    def __init__(self, options: WalkOptions, pool: DigestPool, progress: Progress | None) -> None:
+    def __init__(self, options: WalkOptions, pool: DigestPool, progress: Progress | None,
+                 cache: DigestCache | None = None, store: ObjectStore | None = None) -> None:
         self.options = options
         self.pool = pool
+        self.cache = cache
+        self.store = store
         self.progress = progress
         self.read_xattrs = not options.skip_xattrs
         self.user_only = options.user_xattrs
@@ -181,6 +192,8 @@ class _Walker:
         readlink = os.readlink
         modes = self.modes
         mtimes = self.mtimes
+        cache = self.cache
+        store = self.store
         count = 0
         try:
             with os.scandir(dpath) as it:
@@ -225,6 +238,15 @@ class _Walker:
                                     pool.alias(node, primary)
                                     continue
                                 seen[key] = node
+                            if cache is not None and size > INLINE_MAX:
+                                digest = cache.lookup(st)
+                                if digest is not None and (store is None or digest in store):
+                                    node.digest = digest
+                                    node.payload = object_path(digest).encode()
+                                    cache.record(st, digest)
+                                    continue
+                                if cache.cacheable(st):
+                                    cache.record_later(st, node)
                             pool.add(path, node)
                     elif fmt == _S_IFDIR:
                         stack.append((path, node))
@@ -280,13 +302,20 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     if options.digest_store is not None:
         from mkcfs.store.objects import ObjectStore
         store = ObjectStore(options.digest_store)
+    cache = None
+    if options.digest_cache is not None:
+        from mkcfs.store.cache import DigestCache
+        cache = DigestCache(os.fsencode(options.digest_cache), src, st)
 
     # the pool forks its workers: before the progress thread exists, and while we are small
     pool = DigestPool(threads, store)
     progress = pool.progress = Progress.for_stream(enabled=options.progress)
     try:
-        root = _Walker(options, pool, progress).run(src, st)
+        root = _Walker(options, pool, progress, cache, store).run(src, st)
         pool.finish()
+        if cache is not None:
+            cache.collect()
+            cache.save()
     except BaseException:
         pool.abort()
         raise

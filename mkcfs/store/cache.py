@@ -1,0 +1,278 @@
+"""The digest cache of directory builds (``mkcomposefs --digest-cache=PATH``).
+
+A rebuild from a tree that barely changed should not read the tree again. The cache remembers,
+per regular file hashed by an earlier build, its ``(inode, size, mtime, ctime)`` and fs-verity
+digest; a file whose ``lstat`` still gives exactly those values is not read again.
+
+Why a hit is never a wrong digest
+---------------------------------
+* **ctime.** Every change of a file's data through the file system sets its ctime to the current
+  time, and ctime cannot be set by a user (``touch -d`` and ``utimensat`` restore the mtime, not
+  the ctime). A file replaced by another that reuses the inode number was created later, so its
+  ctime differs too. The key compares size, mtime and ctime to the nanosecond.
+* **Racy entries** (git's index has the same rule): a file changed in the same clock tick in
+  which it was recorded would keep its ctime. An entry is therefore only recorded when its ctime
+  is more than ``RACY_MARGIN_NS`` older than the start of the build that hashed it (coarse kernel
+  clocks tick every few milliseconds; some file systems store whole seconds); such a file is
+  simply hashed again next time.
+* **Another machine, boot or file system.** Inode numbers mean something only on one mounted
+  file system. Each part of the cache (a *section*, one per source directory) is tied to the
+  machine (``/etc/machine-id``), the boot (``boot_id``: device numbers of e.g. tmpfs and overlayfs
+  are handed out again after a reboot), and the source's device number, file system id
+  (``statvfs`` ``f_fsid``) and root inode. Any difference: the section is not used. Only files on
+  the source root's device are cached (a mount point inside the tree is read as before).
+* **A damaged file** (bad magic, wrong length, CRC-32 mismatch) is ignored as a whole; so is a
+  file that cannot be read. The cache never makes a build fail.
+* With a digest store, a hit is used only when the store still holds the object (an ``lstat``);
+  otherwise the file goes through the store as usual.
+
+Crash safety, concurrency, bounds
+---------------------------------
+The cache is one file, rewritten whole through a temporary file and ``rename`` (so a killed build
+leaves the old cache or the new one, never a mix), mode 0600. Writing it re-reads the current
+file first and keeps the other sections, so concurrent builds of different trees keep each
+other's work (two builds that save at the same instant can lose one's section: a slower next
+build, never a wrong one). Each build of a tree replaces that tree's section with the files it
+saw, so entries of files no longer seen are dropped; the least recently used sections are dropped
+beyond ``MAX_SECTIONS`` sections or ``MAX_ENTRIES`` entries in all.
+
+Why one file and not ``sqlite3``: measured on 140k files (``/usr``), writing the whole cache
+takes 0.08 s as one file and 1.05 s as an sqlite table, loading 0.02 s against 0.65 s, and one
+sqlite point query costs ~14 µs against ~1 µs for a binary search here.
+
+Format (little-endian): ``MAGIC``, CRC-32 of everything after this field (u32), section count
+(u32); per section a header (``_SECTION``) and ``count`` records of 8 u64 sorted by inode:
+inode, size, mtime (ns, two's complement), ctime (ns, two's complement), digest (32 bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from array import array
+from bisect import bisect_left
+
+from mkcfs.tree import Node
+
+__all__ = ["DigestCache", "default_cache_path", "MAGIC", "RACY_MARGIN_NS", "MAX_SECTIONS", "MAX_ENTRIES",
+           "source_identity"]
+
+MAGIC = b"MKCFSDC\x01"
+_HEAD = struct.Struct("<8sII")                    # magic, crc32, section count
+#: machine id, boot id, st_dev, root inode, f_fsid, last used (ns), record count
+_SECTION = struct.Struct("<16s16sQQQQQ")
+_RECORD = 64                                      # bytes: 4 u64 + a 32-byte digest
+_WORDS = _RECORD // 8
+_U64 = (1 << 64) - 1
+#: entries whose ctime is this close to (or after) the build's start are not recorded
+RACY_MARGIN_NS = 3_000_000_000
+MAX_SECTIONS = 64
+MAX_ENTRIES = 4_000_000
+#: the name of the default cache inside a digest store
+STORE_CACHE_NAME = ".mkcfs-digest-cache"
+
+
+def default_cache_path(store: str, source: str) -> str | None:
+    """The cache a build with digest store ``store`` uses by default: a file in the store, or
+    None when the store lies inside ``source`` (the cache file would then appear in the next
+    build's tree and change its image)."""
+    real_store = os.path.realpath(store)
+    real_source = os.path.realpath(source)
+    if os.path.commonpath([real_store, real_source]) == real_source:
+        return None
+    return os.path.join(store, STORE_CACHE_NAME)
+
+
+def _read_id(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64).strip().replace(b"-", b"")
+        return bytes.fromhex(text.decode("ascii"))[:16].ljust(16, b"\0")
+    except (OSError, ValueError):
+        return bytes(16)
+
+
+def source_identity(root: bytes, st: os.stat_result) -> bytes:
+    """The identity a section must match to be used: machine, boot, device, fs id, root inode.
+
+    An unknown machine or boot id (no ``/etc/machine-id``, no ``/proc``) gives no identity:
+    nothing is cached then."""
+    machine = _read_id("/etc/machine-id")
+    boot = _read_id("/proc/sys/kernel/random/boot_id")
+    if not any(machine) or not any(boot):
+        return b""
+    try:
+        fsid = os.statvfs(root).f_fsid & _U64
+    except OSError:
+        return b""
+    return machine + boot + struct.pack("<QQQ", st.st_dev, st.st_ino, fsid)
+
+
+class _Section:
+    """One source tree's records as loaded: the raw bytes and a column of inode numbers."""
+
+    __slots__ = ("identity", "last_used", "raw", "words", "inodes")
+
+    def __init__(self, identity: bytes, last_used: int, raw: bytes) -> None:
+        self.identity = identity
+        self.last_used = last_used
+        self.raw = raw
+        self.words = array("Q")
+        self.words.frombytes(raw)
+        self.inodes = self.words[0::_WORDS]
+
+
+def _parse(data: bytes) -> list[_Section] | None:
+    """The sections of a cache file, or None when it is not a whole, intact cache file."""
+    if len(data) < _HEAD.size:
+        return None
+    magic, crc, count = _HEAD.unpack_from(data, 0)
+    if magic != MAGIC or zlib.crc32(memoryview(data)[12:]) != crc:
+        return None
+    sections = []
+    pos = _HEAD.size
+    try:
+        for _ in range(count):
+            machine, boot, dev, ino, fsid, last_used, n = _SECTION.unpack_from(data, pos)
+            pos += _SECTION.size
+            end = pos + n * _RECORD
+            if end > len(data):
+                return None
+            identity = machine + boot + struct.pack("<QQQ", dev, ino, fsid)
+            sections.append(_Section(identity, last_used, data[pos:end]))
+            pos = end
+    except struct.error:
+        return None
+    return sections if pos == len(data) else None
+
+
+def _load(path: str) -> list[_Section]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    return _parse(data) or []
+
+
+class DigestCache:
+    """The cache at ``path`` for the build of the source directory ``root`` (``st`` = its
+    ``lstat``). ``lookup`` answers from the previous build's records, ``record`` collects this
+    build's, ``save`` writes them (errors writing are ignored: the cache is an optimisation)."""
+
+    def __init__(self, path: str | bytes, root: bytes, st: os.stat_result) -> None:
+        self.path = os.fsdecode(path)
+        self.dev = st.st_dev
+        self.identity = source_identity(root, st)
+        self.started = time.time_ns()
+        self._old: _Section | None = None
+        if self.identity:
+            for section in _load(self.path):
+                if section.identity == self.identity:
+                    self._old = section
+                    break
+        #: this build's records: 4 words (inode, size, mtime, ctime) + digests, in walk order
+        self._words = array("Q")
+        self._digests = bytearray()
+        self._pending_words = array("Q")
+        self._pending_nodes: list[Node] = []
+        self.hits = 0
+
+    def lookup(self, st: os.stat_result) -> bytes | None:
+        """The recorded digest of the file with ``lstat`` result ``st``, if every key matches."""
+        old = self._old
+        if old is None or st.st_dev != self.dev:
+            return None
+        ino = st.st_ino
+        inodes = old.inodes
+        i = bisect_left(inodes, ino)
+        if i == len(inodes) or inodes[i] != ino:
+            return None
+        words = old.words
+        base = i * _WORDS
+        if (words[base + 1] != st.st_size or words[base + 2] != st.st_mtime_ns & _U64
+                or words[base + 3] != st.st_ctime_ns & _U64):
+            return None
+        self.hits += 1
+        return old.raw[i * _RECORD + 32:(i + 1) * _RECORD]
+
+    def cacheable(self, st: os.stat_result) -> bool:
+        """Whether a file with ``lstat`` result ``st`` can be recorded (same device, not racy)."""
+        return (st.st_dev == self.dev and bool(self.identity)
+                and st.st_ctime_ns < self.started - RACY_MARGIN_NS)
+
+    def record(self, st: os.stat_result, digest: bytes) -> None:
+        """Remember ``digest`` for the file with ``lstat`` result ``st`` (see ``cacheable``)."""
+        self._words.extend((st.st_ino, st.st_size, st.st_mtime_ns & _U64,
+                            st.st_ctime_ns & _U64))
+        self._digests += digest
+
+    def record_later(self, st: os.stat_result, node: Node) -> None:
+        """Remember the file with ``lstat`` result ``st`` whose digest the hashing workers will
+        put in ``node.digest`` (see ``collect``)."""
+        self._pending_words.extend((st.st_ino, st.st_size, st.st_mtime_ns & _U64,
+                                    st.st_ctime_ns & _U64))
+        self._pending_nodes.append(node)
+
+    def collect(self) -> None:
+        """Record the digests the workers found for the files given to ``record_later``."""
+        digests = self._digests
+        for node in self._pending_nodes:
+            digest = node.digest
+            if digest is None or len(digest) != 32:   # pragma: no cover - a worker bug
+                raise AssertionError("a hashed file has no digest")
+            digests += digest
+        self._words += self._pending_words
+        self._pending_words = array("Q")
+        self._pending_nodes = []
+
+    def save(self) -> None:
+        """Write this build's section, keeping the other sections of the file as it is now."""
+        if not self.identity:
+            return
+        words, digests = self._words, self._digests
+        n = len(words) // 4
+        inodes = words[0::4]
+        order = sorted(range(n), key=inodes.__getitem__)
+        body = bytearray()
+        last = -1
+        count = 0
+        for i in order:
+            ino = inodes[i]
+            if ino == last:   # the same file under two names: once is enough
+                continue
+            last = ino
+            body += words[4 * i:4 * i + 4].tobytes()
+            body += digests[32 * i:32 * i + 32]
+            count += 1
+        del order, inodes
+        now = time.time_ns()
+        mine = _Section.__new__(_Section)
+        mine.identity, mine.last_used, mine.raw = self.identity, now, bytes(body)
+        sections = [mine]
+        total = count
+        others = sorted((s for s in _load(self.path) if s.identity != self.identity),
+                        key=lambda s: s.last_used, reverse=True)
+        for section in others:
+            entries = len(section.raw) // _RECORD
+            if len(sections) >= MAX_SECTIONS or total + entries > MAX_ENTRIES:
+                break
+            sections.append(section)
+            total += entries
+        parts = [b""]
+        for section in sections:
+            machine, boot = section.identity[:16], section.identity[16:32]
+            dev, ino, fsid = struct.unpack("<QQQ", section.identity[32:])
+            parts.append(_SECTION.pack(machine, boot, dev, ino, fsid, section.last_used,
+                                       len(section.raw) // _RECORD))
+            parts.append(section.raw)
+        tail = b"".join(parts)
+        crc = zlib.crc32(struct.pack("<I", len(sections)) + tail)
+        data = _HEAD.pack(MAGIC, crc, len(sections)) + tail
+        from mkcfs.fsutil import write_atomically
+        try:
+            write_atomically(self.path, data, mode=0o600)
+        except OSError:
+            pass   # an unwritable cache costs time next build, nothing else

@@ -1,0 +1,293 @@
+"""The digest cache (mkcfs.store.cache): a rebuild reads only changed files, and a cache that
+does not match the files exactly is never trusted.
+
+Each "never trusted" case first shows that the cache IS used when it matches (a forged cache with
+wrong digests changes the image), then that the case at hand gives the uncached image: so each
+test fails if the check it covers were missing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from types import SimpleNamespace
+
+import pytest
+
+from mkcfs.build.image import build_image
+from mkcfs.store import cache as cache_mod
+from mkcfs.store.cache import DigestCache, default_cache_path
+from mkcfs.sources.walk import WalkOptions, walk_directory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def no_racy_margin(monkeypatch):
+    """Files made by a test are seconds old at most: record them anyway (the racy rule has its
+    own test below)."""
+    monkeypatch.setattr(cache_mod, "RACY_MARGIN_NS", -3600 * 10**9)
+
+
+def make_tree(root, files: int = 20) -> None:
+    os.makedirs(root / "sub", exist_ok=True)
+    for i in range(files):
+        where = root / ("sub" if i % 2 else "")
+        (where / f"f{i}").write_bytes(bytes([65 + i % 26]) * (100 + 37 * i))
+    (root / "small").write_bytes(b"inline content")
+
+
+def build(src, cache=None, store=None) -> bytes:
+    options = WalkOptions(digest_cache=cache, digest_store=store, threads=1)
+    return bytes(build_image(walk_directory(src, options)).data)
+
+
+def sections(path) -> list:
+    data = open(path, "rb").read()
+    parsed = cache_mod._parse(data)
+    assert parsed is not None
+    return parsed
+
+
+def forge(path, src, digest: bytes = b"\xee" * 32, **change) -> None:
+    """A cache for ``src`` in which every file > 64 bytes has ``digest``; ``change`` alters
+    one lstat field of every record (as a replaced file would show)."""
+    st = os.lstat(src)
+    forged = DigestCache(path, os.fsencode(src), st)
+    for dirpath, _, names in os.walk(src):
+        for name in names:
+            fst = os.lstat(os.path.join(dirpath, name))
+            if fst.st_size > 64:
+                fields = {k: getattr(fst, k) for k in
+                          ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")}
+                fields.update(change)
+                forged.record(SimpleNamespace(**fields), digest)
+    forged.save()
+
+
+def test_rebuild_reads_nothing_and_gives_the_same_image(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_tree(src)
+    cache = tmp_path / "cache"
+    first = build(src, cache)
+    assert first == build(src)
+    assert len(sections(cache)) == 1 and len(sections(cache)[0].raw) == 20 * 64
+    # the second build must not open a file of more than 64 bytes
+    from mkcfs.store import digests
+    opened = []
+    real_open = digests.open_source
+    monkeypatch.setattr(digests, "open_source", lambda p: opened.append(p) or real_open(p))
+    assert build(src, cache) == first
+    assert opened == []
+
+
+def test_forged_cache_is_used_when_it_matches(tmp_path):
+    """The control for every test below: a matching cache is trusted (its wrong digests reach
+    the image), so an image equal to the uncached one there means the cache was refused."""
+    src = tmp_path / "src"
+    make_tree(src)
+    forge(tmp_path / "cache", src)
+    assert build(src, tmp_path / "cache") != build(src)
+
+
+def test_content_changed_with_size_and_mtime_restored(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src)
+    cache = tmp_path / "cache"
+    build(src, cache)
+    target = src / "sub" / "f5"
+    before = os.lstat(target)
+    time.sleep(0.02)   # past the file system clock's tick
+    data = bytearray(target.read_bytes())
+    data[0] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))   # what touch -d does
+    after = os.lstat(target)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == \
+        (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert build(src, cache) == build(src)
+
+
+def test_file_replaced_by_one_with_the_same_inode_number(tmp_path):
+    """A new file that reuses the inode number (same size, mtime set back) was created later,
+    so its ctime differs: the record is not trusted."""
+    src = tmp_path / "src"
+    make_tree(src)
+    cache = tmp_path / "cache"
+    # a record for every file as the file it replaced would have left it: same inode, size
+    # and mtime, an older ctime, another digest
+    forge(cache, src, st_ctime_ns=1)
+    assert build(src, cache) == build(src)
+    # and for real, where the file system hands the inode number out again (ext4 does)
+    target = src / "f4"
+    old = os.lstat(target)
+    build(src, cache)
+    os.unlink(target)
+    time.sleep(0.02)
+    target.write_bytes(b"Z" * old.st_size)
+    os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert build(src, cache) == build(src)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage", "trailing"])
+def test_corrupt_cache_is_ignored(tmp_path, damage):
+    src = tmp_path / "src"
+    make_tree(src)
+    cache = tmp_path / "cache"
+    forge(cache, src)
+    data = bytearray(cache.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "truncate":
+        del data[-10:]
+    elif damage == "empty":
+        data = bytearray()
+    elif damage == "garbage":
+        data = bytearray(os.urandom(len(data)))
+    else:
+        data += b"\0" * 64
+    cache.write_bytes(bytes(data))
+    assert build(src, cache) == build(src)
+    assert len(sections(cache)) == 1   # and it was rewritten, whole
+
+
+@pytest.mark.parametrize("field", ["machine", "boot", "dev", "ino", "fsid"])
+def test_cache_from_another_machine_boot_or_file_system_is_ignored(tmp_path, field):
+    src = tmp_path / "src"
+    make_tree(src)
+    cache = tmp_path / "cache"
+    forge(cache, src)
+    data = bytearray(cache.read_bytes())
+    offset = cache_mod._HEAD.size + {"machine": 0, "boot": 16, "dev": 32, "ino": 40,
+                                     "fsid": 48}[field]
+    data[offset] ^= 0x5A
+    crc = zlib.crc32(memoryview(data)[12:])
+    struct.pack_into("<I", data, 8, crc)   # a well-formed file, for another place
+    cache.write_bytes(bytes(data))
+    assert build(src, cache) == build(src)
+
+
+def test_racy_entries_are_not_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "RACY_MARGIN_NS", 3 * 10**9)
+    src = tmp_path / "src"
+    make_tree(src)
+    old = time.time_ns() - 10 * 10**9
+    os.utime(src / "f0", ns=(old, old))   # an old mtime does not make the file old: ctime is now
+    cache = tmp_path / "cache"
+    build(src, cache)
+    assert [len(s.raw) for s in sections(cache)] == [0]
+
+
+def test_files_no_longer_seen_are_dropped(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src)
+    cache = tmp_path / "cache"
+    build(src, cache)
+    for i in range(0, 20, 2):
+        os.unlink(src / f"f{i}")
+    build(src, cache)
+    assert len(sections(cache)[0].raw) == 10 * 64
+
+
+def test_sections_are_bounded_and_kept_per_tree(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "MAX_SECTIONS", 2)
+    cache = tmp_path / "cache"
+    trees = []
+    for n in range(3):
+        src = tmp_path / f"src{n}"
+        make_tree(src, files=3 + n)
+        build(src, cache)
+        trees.append(src)
+    counts = sorted(len(s.raw) // 64 for s in sections(cache))
+    assert counts == [4, 5]    # the least recently used tree's section went
+
+
+def test_missing_store_object_is_stored_again(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src)
+    store = tmp_path / "store"
+    cache = tmp_path / "cache"
+    first = build(src, cache, store)
+    victim = next(p for p in store.rglob("*") if p.is_file() and not p.name.startswith("."))
+    os.unlink(victim)
+    assert build(src, cache, store) == first
+    assert victim.exists()
+
+
+def test_default_cache_is_in_the_store_unless_the_store_is_in_the_source(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src)
+    assert default_cache_path(str(tmp_path / "store"), str(src)) == \
+        str(tmp_path / "store" / cache_mod.STORE_CACHE_NAME)
+    assert default_cache_path(str(src / "store"), str(src)) is None
+    assert default_cache_path(str(src), str(src)) is None
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for store in (tmp_path / "store", src / "store"):
+        subprocess.run([sys.executable, "-m", "mkcfs.cli.mkcomposefs", f"--digest-store={store}",
+                        str(src), str(tmp_path / "img")], check=True, env=env)
+        assert (store / cache_mod.STORE_CACHE_NAME).exists() == (store == tmp_path / "store")
+
+
+_SAVER = """
+import os, sys
+from types import SimpleNamespace
+from mkcfs.store.cache import DigestCache
+import mkcfs.store.cache as c
+c.RACY_MARGIN_NS = -3600 * 10**9
+path, src = sys.argv[1], sys.argv[2].encode()
+st = os.lstat(src)
+print("ready", flush=True)
+n = 0
+while True:
+    cache = DigestCache(path, src, st)
+    for i in range(50000):
+        cache.record(SimpleNamespace(st_dev=st.st_dev, st_ino=i + 1, st_size=100 + n,
+                                     st_mtime_ns=1, st_ctime_ns=2), bytes([n % 256]) * 32)
+    cache.save()
+    n += 1
+"""
+
+
+def test_kill_9_while_saving_leaves_a_usable_cache(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for delay in (0.05, 0.2, 0.37, 0.6):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(cache), str(src)],
+                                env=env, stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"ready\n"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        if cache.exists():
+            (section,) = sections(cache)
+            n = section.words[1] - 100   # every record of a saved section is of one round
+            assert all(section.words[i] == 100 + n for i in range(1, len(section.words), 8))
+            assert section.raw[32:64] == bytes([n % 256]) * 32
+    DigestCache(cache, os.fsencode(src), os.lstat(src)).save()   # the next writer cleans up
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+def test_concurrent_builds_share_one_cache(tmp_path):
+    trees = []
+    for n in range(4):
+        src = tmp_path / f"src{n}"
+        make_tree(src, files=5 + n)
+        trees.append(src)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    procs = [subprocess.Popen([sys.executable, "-m", "mkcfs.cli.mkcomposefs",
+                               f"--digest-cache={cache}", str(src), str(tmp_path / f"{n}.img")],
+                              env=env) for n, src in enumerate(trees)]
+    assert [p.wait() for p in procs] == [0, 0, 0, 0]
+    sections(cache)   # whole and valid
+    for n, src in enumerate(trees):
+        assert (tmp_path / f"{n}.img").read_bytes() == build(src)
+        assert build(src, cache) == build(src)
