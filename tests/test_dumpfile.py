@@ -906,3 +906,30 @@ def test_fast_unescape_agrees_with_the_exact_path(field):
             unescape(field)
     else:
         assert unescape(field) == expected
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 22])
+def test_streamed_input_parses_as_the_whole_text(monkeypatch, block):
+    """A file is read a block at a time: every block size gives the tree and the errors
+    (message and line) of the whole text, including lines longer than a block."""
+    from mkcfs.sources import dumpfile
+    sample = (Path(__file__).resolve().parents[1] / "testdata" / "sample.dump").read_bytes()
+    long_line = b"/long 70000 100644 1 0 0 0 0.0 ab/" + b"c" * 4000 + b" - " + b"d" * 64 + \
+        b" user.big=" + b"v" * 60000 + b"\n"
+    texts = [sample, sample.rstrip(b"\n"), b"/ 0 40755 2 0 0 0 0.0 - - -\n" + long_line,
+             sample + b"/x 0 100644 1 0 0 0 0.0 - - -\0\n/y 0 100644 1 0 0 0 0.0 - - -\n",
+             sample + b"/x 0 100644 1 0 0 0 0.0 - - -\0"]
+
+    def outcome(data, strict):
+        try:
+            return dumpfile.format_dumpfile(parse_dumpfile(data, strict=strict))
+        except DumpfileError as exc:
+            return (exc.message, exc.line)
+
+    for text in texts:
+        for strict in (False, True):
+            whole = outcome(text, strict)
+            monkeypatch.setattr(dumpfile, "_READ_BLOCK", block)
+            streamed = outcome(io.BytesIO(text), strict)
+            monkeypatch.setattr(dumpfile, "_READ_BLOCK", 1 << 22)
+            assert streamed == whole

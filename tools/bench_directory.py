@@ -1,25 +1,38 @@
-"""Benchmark ``mkcomposefs DIR IMAGE`` (directory source): wall time and peak memory.
+"""Benchmark ``mkcomposefs DIR IMAGE`` (directory source): wall time and peak memory, against
+a reference mkcomposefs, for first builds and for rebuilds with the digest cache.
 
 Usage::
 
     python3 tools/bench_directory.py [--runs N] [--reference PATH-TO-mkcomposefs]
-                                     [--args "--digest-store=/tmp/objs ..."] [DIR ...]
+        [--scenarios first,unchanged,touched] [--scratch DIR] [--args "..."] [DIR ...]
 
 DIR defaults to /usr/share (metadata-heavy), /usr/lib/x86_64-linux-gnu (digest-heavy) and /usr.
-Each command runs once to warm the page cache, then N times (default 5); with a reference the
-two tools alternate run by run, so both see the same machine conditions. Reported: median and
-min wall time, and the peak RSS (``ru_maxrss`` from ``wait4`` of that one child: the largest of
-the process and of its waited-for descendants, e.g. mkcfs's digest worker processes, which are
-much smaller than the build process itself).
+Scenarios (one table row each per DIR):
 
-The image goes to a temporary file that is removed at the end. Nothing here needs root.
+* ``first``: a build without cache (the reference always reads everything);
+* ``unchanged``: mkcfs rebuilds with ``--digest-cache`` (filled by the warm-up run), the tree
+  unchanged;
+* ``touched``: the tree is copied once under ``--scratch`` (default: a temporary directory in
+  /var/tmp, removed at the end); before each run 1% of its non-empty regular files get their
+  content changed with size, atime and mtime restored (``utimensat``, what ``touch -d`` does),
+  which only the ctime shows; mkcfs rebuilds with the cache, and its image is compared byte for
+  byte with the reference's (or, without a reference, with an uncached mkcfs build).
+
+Each command runs once to warm the page cache, then N times (default 5), the tools alternating
+run by run so both see the same machine conditions. Printed per row: the median and min wall
+time, the median peak RSS (GNU time's ``%M`` when /usr/bin/time exists: a child forked from this
+Python process would otherwise be charged this process's pages), and the ratios
+mkcfs / reference of the medians. mkcfs runs as an installed package would (``python -m``,
+bytecode cached). Nothing here needs root.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,22 +41,54 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIRS = ["/usr/share", "/usr/lib/x86_64-linux-gnu", "/usr"]
+GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
 
 
 def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     """``(wall seconds, peak RSS in KiB)`` of one run."""
+    if GNU_TIME:
+        argv = [GNU_TIME, "-f", "%M", *argv]
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.stderr:
         proc.stderr.close()
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {shlex.join(argv)}\n{err}")
-    return wall, usage.ru_maxrss
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {shlex.join(argv)}\n{err}")
+    peak = int(err.strip().splitlines()[-1]) if GNU_TIME else usage.ru_maxrss
+    return wall, peak
+
+
+def regular_files(root: str) -> list[str]:
+    found = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_size > 0 and (st.st_mode & 0o170000) == 0o100000:
+                found.append(path)
+    return found
+
+
+def touch_one_percent(files: list[str], rnd: random.Random) -> int:
+    """Change the first byte of 1% of ``files``; restore size, atime and mtime."""
+    chosen = rnd.sample(files, max(1, len(files) // 100))
+    for path in chosen:
+        st = os.lstat(path)
+        with open(path, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return len(chosen)
+
+
+def same_file(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
 
 
 def main() -> int:
@@ -51,43 +96,85 @@ def main() -> int:
     ap.add_argument("dirs", nargs="*", default=DEFAULT_DIRS)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reference", help="a mkcomposefs binary to compare with")
+    ap.add_argument("--scenarios", default="first",
+                    help="comma-separated: first, unchanged, touched (default: first)")
+    ap.add_argument("--scratch", help="where the touched scenario copies the trees")
     ap.add_argument("--args", default="", help="extra mkcomposefs options for both tools")
     ap.add_argument("--python", default=sys.executable)
     opts = ap.parse_args()
+    scenarios = [s for s in opts.scenarios.split(",") if s]
+    for s in scenarios:
+        if s not in ("first", "unchanged", "touched"):
+            ap.error(f"unknown scenario {s}")
 
     env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     extra = shlex.split(opts.args)
-    fd, image = tempfile.mkstemp(prefix="bench-", suffix=".img")
-    os.close(fd)
-    tools = [("mkcfs", [opts.python, "-m", "mkcfs.cli.mkcomposefs"])]
-    if opts.reference:
-        tools.append(("reference", [opts.reference]))
+    work = tempfile.mkdtemp(prefix="bench-dir-")
+    scratch = opts.scratch or tempfile.mkdtemp(prefix="bench-dir-tree-", dir="/var/tmp")
+    ours_img, ref_img = os.path.join(work, "ours.img"), os.path.join(work, "ref.img")
+    ours_cmd = [opts.python, "-m", "mkcfs.cli.mkcomposefs", *extra]
+    ref_cmd = [opts.reference, *extra] if opts.reference else None
     try:
         load = os.getloadavg()
         print(f"# {len(os.sched_getaffinity(0))} CPUs, load average {load[0]:.2f} at start, "
-              f"{opts.runs} runs after one warm-up, options: {shlex.join(extra) or '(none)'}")
-        print(f"{'directory':28s} {'tool':10s} {'median s':>9s} {'min s':>7s} {'max s':>7s} "
+              f"{opts.runs} interleaved runs after one warm-up, options: "
+              f"{shlex.join(extra) or '(none)'}")
+        print(f"{'directory':26s} {'scenario':10s} {'tool':10s} {'median s':>9s} {'min s':>7s} "
               f"{'peak MB':>8s}")
         for directory in opts.dirs:
-            results: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in tools}
-            for _name, cmd in tools:   # warm the page cache, and the tools
-                run_once([*cmd, *extra, directory, image], env)
-            for _ in range(opts.runs):
-                for name, cmd in tools:
-                    results[name].append(run_once([*cmd, *extra, directory, image], env))
-            medians = {}
-            for name, _ in tools:
-                walls = [r[0] for r in results[name]]
-                peak = max(r[1] for r in results[name]) / 1024
-                medians[name] = (statistics.median(walls), peak)
-                print(f"{directory:28s} {name:10s} {statistics.median(walls):9.2f} "
-                      f"{min(walls):7.2f} {max(walls):7.2f} {peak:8.0f}", flush=True)
-            if "reference" in medians:
-                (ours, our_mem), (ref, ref_mem) = medians["mkcfs"], medians["reference"]
-                print(f"{'':28s} {'ratio':10s} {ours / ref:9.2f}x {'':15s} {our_mem / ref_mem:8.2f}x")
+            for scenario in scenarios:
+                tree = directory
+                files: list[str] = []
+                if scenario == "touched":
+                    tree = os.path.join(scratch, directory.strip("/").replace("/", "_"))
+                    if not os.path.exists(tree):
+                        subprocess.run(["cp", "-a", "--reflink=auto", directory, tree],
+                                       check=True)
+                    files = regular_files(tree)
+                cache = os.path.join(work, f"cache-{scenario}-{directory.strip('/').replace('/', '_')}")
+                mine = [*ours_cmd, *([f"--digest-cache={cache}"] if scenario != "first" else []),
+                        tree, ours_img]
+                tools = [("mkcfs", mine)]
+                if ref_cmd:
+                    tools.append(("reference", [*ref_cmd, tree, ref_img]))
+                if scenario == "touched":
+                    time.sleep(3.5)   # let the copy's ctimes age past the cache's racy margin
+                for _name, cmd in tools:   # warm-up (fills the cache)
+                    run_once(cmd, env)
+                results: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in tools}
+                rnd = random.Random(1)
+                mismatches = 0
+                for i in range(opts.runs):
+                    if scenario == "touched":
+                        touch_one_percent(files, rnd)
+                    order = tools if i % 2 == 0 else tools[::-1]
+                    for name, cmd in order:
+                        results[name].append(run_once(cmd, env))
+                    if scenario != "first":
+                        if ref_cmd is None:
+                            run_once([*ours_cmd, tree, ref_img], env)
+                        mismatches += not same_file(ours_img, ref_img)
+                medians = {}
+                for name, _ in tools:
+                    walls = [r[0] for r in results[name]]
+                    peak = statistics.median(r[1] for r in results[name]) / 1024
+                    medians[name] = (statistics.median(walls), peak)
+                    print(f"{directory:26s} {scenario:10s} {name:10s} "
+                          f"{statistics.median(walls):9.2f} {min(walls):7.2f} {peak:8.0f}",
+                          flush=True)
+                if "reference" in medians:
+                    (ours, our_mem), (ref, ref_mem) = medians["mkcfs"], medians["reference"]
+                    print(f"{'':26s} {scenario:10s} {'ratio':10s} {ours / ref:8.2f}x "
+                          f"{'':7s} {our_mem / ref_mem:7.2f}x", flush=True)
+                if scenario != "first":
+                    print(f"{'':26s} {scenario:10s} images equal to an uncached build: "
+                          f"{opts.runs - mismatches}/{opts.runs}", flush=True)
         print(f"# load average {os.getloadavg()[0]:.2f} at the end")
     finally:
-        os.unlink(image)
+        shutil.rmtree(work, ignore_errors=True)
+        if not opts.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

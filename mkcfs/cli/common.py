@@ -125,6 +125,24 @@ def read_input(source: str) -> bytes:
         raise CfsError(f"open `{source}': {exc.strerror or exc}") from None
 
 
+def open_input(source: str) -> BinaryIO:
+    """``source`` opened for reading in binary (``-`` = standard input), with the errors of
+    ``read_input``; read errors later are ``OSError`` for ``read_error`` to word."""
+    try:
+        if source == "-":
+            return sys.stdin.buffer
+        return open(source, "rb")
+    except IsADirectoryError:
+        raise CfsError(f"Error reading from file {source}: Is a directory") from None
+    except OSError as exc:
+        raise CfsError(f"open `{source}': {exc.strerror or exc}") from None
+
+
+def read_error(source: str, exc: OSError) -> CfsError:
+    """The error for a failed read of ``source`` after it was opened."""
+    return CfsError(f"Error reading from file {source}: {exc.strerror or exc}")
+
+
 def check_output_dir(path: str) -> None:
     """Fail early (before any work) when the image's directory does not exist or is not one."""
     directory = os.path.dirname(os.path.abspath(path)) or "."

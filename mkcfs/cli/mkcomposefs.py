@@ -152,9 +152,15 @@ def _main(argv: list[str]) -> int:
                 threads=threads)).root
         if from_file:
             from mkcfs.sources.dumpfile import parse_dumpfile
-            return parse_dumpfile(common.read_input(source),
-                                  strict="CFS_PARSE_STRICT" in os.environ,
-                                  source="<stdin>" if source == "-" else source)
+            stream = common.open_input(source)
+            try:
+                return parse_dumpfile(stream, strict="CFS_PARSE_STRICT" in os.environ,
+                                      source="<stdin>" if source == "-" else source)
+            except OSError as exc:
+                raise common.read_error(source, exc) from None
+            finally:
+                if source != "-":
+                    stream.close()
         from mkcfs.sources.walk import WalkOptions, walk_directory
         store = opts.get("digest-store")
         cache = opts.get("digest-cache")

@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import io
 import re
+from collections.abc import Iterator
+from itertools import chain
 from binascii import unhexlify
 from typing import BinaryIO
 
@@ -382,31 +385,81 @@ def _check_name(parent: Node, name: bytes, path: bytes) -> None:
         raise _LineError(f"Can't add child: {_show(path)} already exists")
 
 
-def parse_dumpfile(data: bytes, *, strict: bool = False, source: str = "") -> Node:
+def parse_dumpfile(data: bytes | BinaryIO, *, strict: bool = False, source: str = "") -> Node:
     """Parse composefs-dump(5) text into a tree and return its root.
 
-    ``strict`` is ``CFS_PARSE_STRICT`` (§11.6). ``source`` names the input in error messages.
-    Raises :class:`~mkcfs.errors.DumpfileError` (with the 1-based line number) on bad input."""
+    ``data`` is the text, or a binary file to read it from (read in blocks: the text is never
+    held whole). ``strict`` is ``CFS_PARSE_STRICT`` (§11.6). ``source`` names the input in error
+    messages. Raises :class:`~mkcfs.errors.DumpfileError` (with the 1-based line number) on bad
+    input; errors reading a file are the file's ``OSError``."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        stream: BinaryIO = io.BytesIO(data)
+    else:
+        stream = data
     with gc_paused():
-        return _parse(bytes(data), strict, source)
+        return _parse(stream, strict, source)
 
 
-def _parse(data: bytes, strict: bool, source: str) -> Node:
-    lines = data.split(b"\n")
-    partial = lines.pop()  # b"" when the input ends with a newline (or is empty)
-    end_error = None  # raised once the lines before it are parsed
-    if partial:
-        if strict:
-            end_error = (len(lines) + 1, "Missing trailing newline")
+#: the text is read and split into lines this many bytes at a time
+_READ_BLOCK = 1 << 22
+
+
+class _TextEnd:
+    """How the text ended, once ``_line_blocks`` has read it: an error to raise after the
+    lines before it are parsed (line number, message), or None."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: tuple[int, str] | None = None
+
+
+def _line_blocks(stream: BinaryIO, strict: bool, end: _TextEnd) -> Iterator[list[bytes]]:
+    """The lines of the text (without their newlines), a block at a time. Stops before a line
+    holding a NUL byte, and (strict) before a last line without a newline, setting ``end``."""
+    read = stream.read
+    rest = b""
+    count = 0   # lines given so far
+    pieces: list[bytes] = []   # of a line longer than a block
+    while True:
+        chunk = read(_READ_BLOCK)
+        if not chunk:
+            break
+        if b"\n" not in chunk:
+            pieces.append(chunk)
+            continue
+        if pieces:
+            buf = b"".join((rest, *pieces, chunk))
+            pieces.clear()
         else:
-            lines.append(partial)
-    nul = data.find(b"\0")
-    if nul >= 0:
-        index = data.count(b"\n", 0, nul)
-        if index < len(lines):  # else it is in the unparsed last line (strict mode)
-            start = data.rfind(b"\n", 0, nul) + 1
-            end_error = (index + 1, f"Invalid embedded NUL character at position {nul - start}")
-            del lines[index:]
+            buf = rest + chunk if rest else chunk
+        lines = buf.split(b"\n")
+        rest = lines.pop()
+        if b"\0" in buf:   # in a complete line (stop there), or in the rest (seen later)
+            for i, line in enumerate(lines):
+                nul = line.find(b"\0")
+                if nul >= 0:
+                    end.error = (count + i + 1, f"Invalid embedded NUL character at position {nul}")
+                    yield lines[:i]
+                    return
+        count += len(lines)
+        if lines:
+            yield lines
+    if pieces:
+        rest = b"".join((rest, *pieces))
+    if rest:
+        nul = rest.find(b"\0")
+        if strict:
+            end.error = (count + 1, "Missing trailing newline")
+        elif nul >= 0:
+            end.error = (count + 1, f"Invalid embedded NUL character at position {nul}")
+        else:
+            yield [rest]
+
+
+def _parse(stream: BinaryIO, strict: bool, source: str) -> Node:
+    text_end = _TextEnd()
+    lines = chain.from_iterable(_line_blocks(stream, strict, text_end))
 
     root: Node | None = None
     dirs: dict[bytes, Node] = {}  # normalized path ("" for the root, "/a/b") -> directory
@@ -621,8 +674,8 @@ def _parse(data: bytes, strict: bool, source: str) -> Node:
                 if ftype == S_IFDIR_:
                     dirs[key] = node
 
-        if end_error is not None:
-            lineno, message = end_error
+        if text_end.error is not None:
+            lineno, message = text_end.error
             raise _LineError(message)
     except _LineError as exc:
         raise DumpfileError(str(exc), line=lineno, source=source) from None
