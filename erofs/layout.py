@@ -152,6 +152,9 @@ class ImagePlan:
 
 
 _NO_CHUNKS: list[tuple[int, int]] = []
+#: an InodePlan's ``shared`` / ``inline`` when it has none (shared, never changed)
+_NO_SHARED: list[XattrEntryInfo] = []
+_NO_INLINE: list[tuple[bytes, bytes]] = []
 
 
 def dirent_split(dirents: list[tuple[bytes, int]]) -> tuple[list[tuple[int, int]], int]:
@@ -268,21 +271,33 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
         isz = 32 if compact else 64
 
         # xattr body
-        shared: list[XattrEntryInfo] = []
-        inline: list[tuple[bytes, bytes]] = []
+        shared: list[XattrEntryInfo] = _NO_SHARED
+        inline: list[tuple[bytes, bytes]] = _NO_INLINE
         name_filter = 0
         xsize = 0
-        if rec.xattrs:
+        xattrs = rec.xattrs
+        if xattrs:
             inline_size = 0
-            for pair in rec.xattrs:
+            any_shared = False
+            for pair in xattrs:
                 ki = get_key_info(pair[0]) or split_key(pair[0])
                 name_filter |= ki[2]
-                shared_info = get_shared(pair)
-                if shared_info is not None and len(shared) < LCFS_MAX_SHARED_XATTRS:
-                    shared.append(shared_info)
-                else:
-                    inline.append(pair)
-                    inline_size += (7 + len(ki[1]) + len(pair[1])) & ~3
+                inline_size += (7 + len(ki[1]) + len(pair[1])) & ~3
+                if get_shared(pair) is not None:
+                    any_shared = True
+            if any_shared:
+                shared = []
+                inline = []
+                inline_size = 0
+                for pair in xattrs:
+                    shared_info = get_shared(pair)
+                    if shared_info is not None and len(shared) < LCFS_MAX_SHARED_XATTRS:
+                        shared.append(shared_info)
+                    else:
+                        inline.append(pair)
+                        inline_size += (7 + len(key_info[pair[0]][1]) + len(pair[1])) & ~3
+            else:
+                inline = xattrs   # all inline: the record's own list, not a copy
             xsize = 12 + 4 * len(shared) + inline_size
             name_filter = _U32 & ~name_filter
 

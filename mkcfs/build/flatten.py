@@ -42,6 +42,9 @@ _MAX_SINGLE_CHUNK_SIZE = 1 << 43
 #: a root security.selinux longer than this makes libcomposefs refuse the root whiteouts' copy:
 #: 12 + 7 + len("security.selinux") + len(value) must stay within 32767
 _SELINUX_MAX = overlay.XATTR_BUDGET_MAX - 12 - 7 - len(overlay.SELINUX)
+#: the xattrs of a record without any (one shared empty list: the planner only reads them)
+_NO_XATTRS: list[tuple[bytes, bytes]] = []
+assert overlay.METACOPY < overlay.REDIRECT
 
 
 class WriteError(BuildInputError):
@@ -134,7 +137,7 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
     synthetic = {id(node) for _, node in root_whiteouts}
     overlay_prefix = overlay.OVERLAY_PREFIX
     escape = overlay.escape_overlay_xattrs
-    metacopy_value = overlay.metacopy_value
+    metacopy_head = overlay.metacopy_value(b"\0" * 32)[:-32]
     METACOPY, REDIRECT = overlay.METACOPY, overlay.REDIRECT
     external_adds: list[tuple[bytes, bytes]] = []
     whiteout_parent_adds = [(overlay.ESCAPED_WHITEOUTS, b""), (overlay.USER_WHITEOUTS, b"")]
@@ -142,6 +145,7 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
         whiteout_parent_adds += [(overlay.ESCAPED_OPAQUE, b"x"), (overlay.USER_OPAQUE, b"x")]
     whiteout_adds = [(overlay.ESCAPED_WHITEOUT, b""), (overlay.USER_WHITEOUT, b"")]
     append_record = records.append
+    sorted_lists: dict[int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]] = {}
 
     for node in queue:  # the queue grows while it is walked: breadth first
         index = len(records)
@@ -205,9 +209,12 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
                     raise WriteError(errno.EFBIG, _path_of(root, node))
                 # trusted.overlay.* keys of the source were escaped, so these are always new
                 # keys (no accounting can fail): add them directly
-                external_adds = [(METACOPY, metacopy_value(node.digest))]
+                digest = node.digest
+                metacopy = (METACOPY, b"" if digest is None else metacopy_head + digest)
                 if node.payload:
-                    external_adds.append((REDIRECT, b"/" + node.payload))
+                    external_adds = [metacopy, (REDIRECT, b"/" + node.payload)]
+                else:
+                    external_adds = [metacopy]
         elif ftype == S_IFLNK:
             data = node.payload
             if not data:
@@ -221,9 +228,19 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
         if index in additions:
             xlist = xattrs   # finished below, once every addition to it is known
         elif external:
-            xlist = sorted([*xattrs.items(), *external_adds])
+            # METACOPY < REDIRECT: without xattrs of its own the list is in order already
+            xlist = sorted([*xattrs.items(), *external_adds]) if xattrs else external_adds
+        elif not xattrs:
+            xlist = _NO_XATTRS
         else:
-            xlist = sorted(xattrs.items()) if xattrs else []
+            # nodes that share one xattrs dict (a parsed dumpfile's labels) share the list too
+            known = sorted_lists.get(id(xattrs))
+            if known is not None and known[0] is xattrs:
+                xlist = known[1]
+            else:
+                xlist = sorted(xattrs.items())
+                if len(sorted_lists) < 4096:
+                    sorted_lists[id(xattrs)] = (xattrs, xlist)   # keeps the dict, and its id
         append_record(InodeRecord(mode, nlink, node.uid, node.gid, node.rdev, size,
                                   node.mtime_sec, node.mtime_nsec, xlist, dirents, data,
                                   external))

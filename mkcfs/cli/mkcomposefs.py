@@ -155,7 +155,8 @@ def _main(argv: list[str]) -> int:
             stream = common.open_input(source)
             try:
                 return parse_dumpfile(stream, strict="CFS_PARSE_STRICT" in os.environ,
-                                      source="<stdin>" if source == "-" else source)
+                                      source="<stdin>" if source == "-" else source,
+                                      share_xattrs=True)   # only build_image_from sees it
             except OSError as exc:
                 raise common.read_error(source, exc) from None
             finally:

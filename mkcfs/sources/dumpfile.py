@@ -385,19 +385,22 @@ def _check_name(parent: Node, name: bytes, path: bytes) -> None:
         raise _LineError(f"Can't add child: {_show(path)} already exists")
 
 
-def parse_dumpfile(data: bytes | BinaryIO, *, strict: bool = False, source: str = "") -> Node:
+def parse_dumpfile(data: bytes | BinaryIO, *, strict: bool = False, source: str = "",
+                   share_xattrs: bool = False) -> Node:
     """Parse composefs-dump(5) text into a tree and return its root.
 
     ``data`` is the text, or a binary file to read it from (read in blocks: the text is never
     held whole). ``strict`` is ``CFS_PARSE_STRICT`` (§11.6). ``source`` names the input in error
     messages. Raises :class:`~mkcfs.errors.DumpfileError` (with the 1-based line number) on bad
-    input; errors reading a file are the file's ``OSError``."""
+    input; errors reading a file are the file's ``OSError``. ``share_xattrs``: nodes with the
+    same xattrs text get one shared dict (none: one shared empty dict), which saves a dict per
+    node, for a tree that nobody changes (``mkcomposefs`` builds an image from it and drops it)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         stream: BinaryIO = io.BytesIO(data)
     else:
         stream = data
     with gc_paused():
-        return _parse(stream, strict, source)
+        return _parse(stream, strict, source, share_xattrs)
 
 
 #: the text is read and split into lines this many bytes at a time
@@ -457,7 +460,7 @@ def _line_blocks(stream: BinaryIO, strict: bool, end: _TextEnd) -> Iterator[list
             yield [rest]
 
 
-def _parse(stream: BinaryIO, strict: bool, source: str) -> Node:
+def _parse(stream: BinaryIO, strict: bool, source: str, share_xattrs: bool) -> Node:
     text_end = _TextEnd()
     lines = chain.from_iterable(_line_blocks(stream, strict, text_end))
 
@@ -471,6 +474,7 @@ def _parse(stream: BinaryIO, strict: bool, source: str) -> Node:
     mtime_cache: dict[bytes, tuple[int, int]] = {}
     xattr_cache: dict[bytes, dict[bytes, bytes]] = {}
     xattr_cache_get = xattr_cache.get
+    no_xattrs: dict[bytes, bytes] = {}
     mode_get = mode_cache.get
     u32_get = u32_cache.get
     u64_get = u64_cache.get
@@ -633,16 +637,17 @@ def _parse(stream: BinaryIO, strict: bool, source: str) -> Node:
                         from None
 
             if not xattr_text:
-                xattrs = {}
-            elif b" " in xattr_text or b"\\" in xattr_text or len(xattr_text) > 32000:
-                # real trees repeat the same few label sets: parse each text once (each node
-                # still gets a dict of its own)
+                xattrs = no_xattrs if share_xattrs else {}
+            elif share_xattrs or b" " in xattr_text or b"\\" in xattr_text \
+                    or len(xattr_text) > 32000:
+                # real trees repeat the same few label sets: parse each text once (and unless
+                # the caller lets nodes share the dict, each node still gets a copy)
                 cached = xattr_cache_get(xattr_text)
                 if cached is None:
                     cached = _parse_xattrs(xattr_text)
                     if len(xattr_cache) < 4096 and len(xattr_text) < 1024:
                         xattr_cache[xattr_text] = cached
-                xattrs = cached.copy()
+                xattrs = cached if share_xattrs else cached.copy()
             else:  # one plain KEY=VALUE, well within the budget
                 xkey, eq, xvalue = xattr_text.partition(b"=")
                 if eq and xkey and len(xkey) <= XATTR_NAME_MAX:
