@@ -5,8 +5,10 @@ Inputs: ../shared/conformance/upstream/cs9-x86_64-minimal.dump.gz (22,010 lines,
 when present, a generated dumpfile of --entries entries (default 64,000: realistic mix of
 directories, inline and external files, symlinks, xattrs), and any dumpfiles given with --input.
 Each input is run --runs times in a fresh process; the median wall time and the median peak RSS
-(from wait4) are reported. --reference PATH runs another mkcomposefs (e.g. the C 1.0.8 build)
-on the same inputs for comparison and checks that both produce identical images.
+(GNU time) are reported. --reference PATH runs another mkcomposefs (e.g. the C 1.0.8 build)
+on the same inputs, alternating with mkcfs run by run, prints the ratios of the medians and
+checks that both produce identical images. Inputs given with --input are used as they are
+(uncompressed ones are not copied: a 2M-entry dumpfile is large).
 
     python3 tools/bench_fromfile.py --runs 7 [--reference /path/to/mkcomposefs]
 """
@@ -89,21 +91,32 @@ def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     return elapsed, peak
 
 
-def bench(label: str, cmd_prefix: list[str], dumpfile: Path, runs: int, out: Path) -> tuple[float, int]:
+def bench_pair(tools: list[tuple[str, list[str], Path]], dumpfile: Path,
+               runs: int) -> dict[str, tuple[float, int]]:
+    """Median wall time and median peak RSS per tool, the tools alternating run by run (so both
+    see the same machine conditions)."""
     env = dict(os.environ)
     env.pop("CFS_PARSE_STRICT", None)
     # Measure the tool as installed: pip byte-compiles an installed package, so its modules are
     # never recompiled per run. An editable checkout under PYTHONDONTWRITEBYTECODE=1 would
     # recompile ~3,000 lines on every run; let the warm-up run write the bytecode cache instead.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    cmd = [*cmd_prefix, "--from-file", str(dumpfile), str(out)]
-    run_once(cmd, env)  # warm the page cache and bytecode caches
-    results = [run_once(cmd, env) for _ in range(runs)]
-    wall = statistics.median(r[0] for r in results)
-    rss = int(statistics.median(r[1] for r in results))
-    print(f"  {label:10s} median {wall:6.3f} s  (min {min(r[0] for r in results):.3f})  "
-          f"peak {rss / 1024:6.1f} MiB")
-    return wall, rss
+    cmds = {label: [*prefix, "--from-file", str(dumpfile), str(out)] for label, prefix, out in tools}
+    for cmd in cmds.values():
+        run_once(cmd, env)  # warm the page cache and bytecode caches
+    results: dict[str, list[tuple[float, int]]] = {label: [] for label in cmds}
+    for i in range(runs):
+        order = list(cmds.items()) if i % 2 == 0 else list(cmds.items())[::-1]
+        for label, cmd in order:
+            results[label].append(run_once(cmd, env))
+    medians = {}
+    for label, rows in results.items():
+        wall = statistics.median(r[0] for r in rows)
+        rss = int(statistics.median(r[1] for r in rows))
+        print(f"  {label:10s} median {wall:6.3f} s  (min {min(r[0] for r in rows):.3f})  "
+              f"peak {rss / 1024:6.1f} MiB")
+        medians[label] = (wall, rss)
+    return medians
 
 
 def main() -> int:
@@ -112,6 +125,8 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=64000)
     parser.add_argument("--reference", help="another mkcomposefs binary to compare with")
     parser.add_argument("--input", action="append", default=[], help="extra dumpfile (.gz ok)")
+    parser.add_argument("--no-generated", action="store_true",
+                        help="only the cs9 dump and the --input files")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,26 +134,31 @@ def main() -> int:
         inputs: list[tuple[str, Path]] = []
         sources = ([CS9] if CS9.exists() else []) + [Path(p) for p in args.input]
         for src in sources:
-            data = src.read_bytes()
-            if src.name.endswith(".gz"):
-                data = gzip.decompress(data)
+            if not src.name.endswith(".gz"):
+                inputs.append((src.name, src))
+                continue
             path = tmpdir / src.name.removesuffix(".gz")
-            path.write_bytes(data)
+            path.write_bytes(gzip.decompress(src.read_bytes()))
             inputs.append((src.name, path))
-        generated = tmpdir / f"generated-{args.entries}.dump"
-        generated.write_bytes(generate_dumpfile(args.entries))
-        inputs.append((generated.name, generated))
+        if not args.no_generated:
+            generated = tmpdir / f"generated-{args.entries}.dump"
+            generated.write_bytes(generate_dumpfile(args.entries))
+            inputs.append((generated.name, generated))
 
         ours = [sys.executable, "-m", "mkcfs.cli.mkcomposefs"]
         for name, path in inputs:
-            lines = path.read_bytes().count(b"\n")
+            with open(path, "rb") as f:
+                lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
             print(f"{name}: {lines} lines")
-            wall, rss = bench("mkcfs", ours, path, args.runs, tmpdir / "ours.img")
+            tools = [("mkcfs", ours, tmpdir / "ours.img")]
             if args.reference:
-                rwall, rrss = bench("reference", [args.reference], path, args.runs, tmpdir / "ref.img")
+                tools.append(("reference", [args.reference], tmpdir / "ref.img"))
+            medians = bench_pair(tools, path, args.runs)
+            if args.reference:
+                (wall, rss), (rwall, rrss) = medians["mkcfs"], medians["reference"]
                 same = (tmpdir / "ours.img").read_bytes() == (tmpdir / "ref.img").read_bytes()
                 print(f"  ratio: wall {wall / rwall:.2f}x, peak memory {rss / rrss:.2f}x, "
-                      f"images {'identical' if same else 'DIFFERENT'}")
+                      f"images {'identical' if same else 'DIFFERENT'}", flush=True)
     return 0
 
 
