@@ -95,7 +95,7 @@ def bench_pair(tools: list[tuple[str, list[str], Path]], dumpfile: Path,
                runs: int) -> dict[str, tuple[float, int]]:
     """Median wall time and median peak RSS per tool, the tools alternating run by run (so both
     see the same machine conditions)."""
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONPATH=str(REPO))   # this checkout, not an installed mkcfs
     env.pop("CFS_PARSE_STRICT", None)
     # Measure the tool as installed: pip byte-compiles an installed package, so its modules are
     # never recompiled per run. An editable checkout under PYTHONDONTWRITEBYTECODE=1 would
