@@ -262,3 +262,72 @@ def test_lxc_container_runs_on_the_helper_mount(tmp_path: Path) -> None:
     states = helper.read_states(ManagedStore(str(store)))   # made in the container's namespace,
     assert len(states) == 1 and states[0].mntns != helper.mount_namespace()
     assert helper.is_stale(states[0], helper.mount_namespace())   # which died with it
+
+
+@needs_mounts
+@needs_umoci
+def test_two_mounts_of_one_image_started_at_once(oci, tmp_path: Path) -> None:
+    """Two ``mkcfs mount`` processes of the same image on two mount points, started together:
+    both succeed, one image is built."""
+    layout, ref, unpacked = oci
+    store = tmp_path / "store"
+    mnts = [tmp_path / "m1", tmp_path / "m2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = []
+    for m in mnts:
+        m.mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-m", "mkcfs", "mount", "--store",
+                                       str(store), f"{layout}:{ref}", str(m)], env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+        for m in mnts:
+            assert snapshot(m) == snapshot(unpacked)
+        assert len([n for n in os.listdir(store / "images") if not n.startswith(".")]) == 1
+    finally:
+        for m in mnts:
+            if top_mount(str(m)) is not None:
+                assert run_cli("umount", m)[0] == 0
+
+
+@needs_mounts
+@needs_umoci
+def test_sigkill_during_oci_build_then_mount(tmp_path: Path) -> None:
+    """``mkcfs mount`` killed (SIGKILL) while it fills the store: no image under its name;
+    the next mount builds it and succeeds, and no temporary file is left."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(40):
+        (src / f"blob{n}").write_bytes(os.urandom(512 * 1024))
+    umoci_image(tmp_path / "layout", "big", src, tmp_path)
+    store = tmp_path / "store"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "mkcfs", "mount", "--store", str(store),
+           f"{tmp_path / 'layout'}:big", str(mnt)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    objects = store / "objects"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if objects.is_dir() and any(d.is_dir() and any(d.iterdir()) for d in objects.iterdir()
+                                    if len(d.name) == 2):
+            break
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the build finished before it could be killed")
+    proc.kill()
+    proc.wait()
+    images = store / "images"
+    assert [n for n in os.listdir(images) if not n.startswith(".")] == []
+    assert top_mount(str(mnt)) is None
+    status, err = run_cli("mount", "--store", store, f"{tmp_path / 'layout'}:big", mnt)
+    assert status == 0, err
+    try:
+        assert snapshot(mnt) == snapshot(src)
+    finally:
+        assert run_cli("umount", mnt)[0] == 0
+    assert [n for n in os.listdir(objects) if n.startswith(".tmp")] == []
+    assert [n for n in os.listdir(images) if n.endswith(".tmp")] == []
