@@ -4,11 +4,11 @@ The chain for one layer is::
 
     raw file -> VerifiedBlob (size + digest of the blob as stored)
              -> gzip / zstd decompressor (or nothing)
+             -> Prefetch (optional: the chain above runs in a helper thread)
              -> CheckedStream (sha256 of the uncompressed layer = diff_id; bomb limit)
-             -> Prefetch (optional: the whole chain above runs in a thread)
 
-Every reader has ``read(n)`` returning at most ``n`` bytes (``b""`` at the end), so memory
-stays bounded whatever the blob holds. Errors are ``LayerError`` with one line naming the blob.
+Every reader has ``read(n)`` returning at most ``n`` bytes (``Prefetch``: one chunk of at
+most ``CHUNK``), ``b""`` at the end, so memory stays bounded whatever the blob holds. Errors are ``LayerError`` with one line naming the blob.
 
 **Decompression-bomb limit.** A layer may decompress to at most ``RATIO_LIMIT`` (1100) times
 its compressed size plus ``SLACK`` (1 GiB), checked as the data streams. gzip cannot exceed
@@ -311,7 +311,7 @@ class Prefetch:
     release the GIL, so this overlaps decompression with the caller's tar parsing and
     hashing). ``close()`` stops the thread; errors reach the caller on its next read."""
 
-    def __init__(self, source: Readable, depth: int = 8) -> None:
+    def __init__(self, source: Readable, depth: int = 2) -> None:
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
         self._stop = threading.Event()
         self._done = False
