@@ -102,12 +102,16 @@ def add_image(root: Path, layers: list[bytes], compression: str | None = "gzip",
     if ref is not None:
         mdesc["annotations"] = {"org.opencontainers.image.ref.name": ref}
     if write_index:
-        index_path = root / "index.json"
-        index = json.loads(index_path.read_text()) if index_path.exists() else {
-            "schemaVersion": 2, "manifests": []}
-        index["manifests"].append(mdesc)
-        index_path.write_text(json.dumps(index))
+        _list_in_index(root, mdesc)
     return mdesc
+
+
+def _list_in_index(root: Path, desc: dict) -> None:
+    index_path = root / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {
+        "schemaVersion": 2, "manifests": []}
+    index["manifests"].append(desc)
+    index_path.write_text(json.dumps(index))
 
 
 def add_index(root: Path, manifests: list[dict], ref: str | None = "multi") -> dict:
@@ -117,11 +121,7 @@ def add_index(root: Path, manifests: list[dict], ref: str | None = "multi") -> d
     desc["mediaType"] = OCI + "index.v1+json"
     if ref is not None:
         desc["annotations"] = {"org.opencontainers.image.ref.name": ref}
-    index_path = root / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {
-        "schemaVersion": 2, "manifests": []}
-    index["manifests"].append(desc)
-    index_path.write_text(json.dumps(index))
+    _list_in_index(root, desc)
     return desc
 
 

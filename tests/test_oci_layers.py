@@ -353,3 +353,48 @@ def test_pinned_image_matches_mkcomposefs_1_0_8(tmp_path, compression):
 
 
 PINNED_SHA256 = "c46a4eb2ef6f3db96d64f79766b90f708d99c279519828aee3160aac32ebe2a6"
+
+
+def test_existing_objects_are_not_rewritten(tmp_path):
+    source = layout(tmp_path, [[M("a", data=BIG), M("huge", data=os.urandom(3 << 20))]])
+    store = tmp_path / "store"
+    root = load_image_tree(source, OciOptions(digest_store=str(store))).root
+    files = {p: p.stat() for p in store.rglob("*") if p.is_file()}
+    assert len(files) == 2
+    again = load_image_tree(source, OciOptions(digest_store=str(store))).root
+    assert format_dumpfile(again) == format_dumpfile(root)
+    for p, st in files.items():
+        now = p.stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), p
+    assert [p for p in store.iterdir() if p.name.startswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("size", [100, 3 << 20])
+def test_add_stream_refuses_a_wrong_size_and_leaves_no_temporary(tmp_path, size):
+    store = ObjectStore(str(tmp_path / "s"))
+    data = os.urandom(size)
+    with pytest.raises(OSError, match="member x: .* bytes instead of"):
+        store.add_stream(iter([data]), size + 1, "member x")
+    digest = store.add_stream(iter([data[:size // 2], data[size // 2:]]), size, "member x")
+    assert digest == fsverity.digest_bytes(data)
+    assert open(store.object_file(digest), "rb").read() == data
+    assert [p.name for p in (tmp_path / "s").iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_symlinked_parents_are_followed_inside_the_tree(tmp_path):
+    root = tree(tmp_path, [
+        [M("usr", "dir"), M("usr/lib", "dir"), M("usr/lib/a", data=b"a"),
+         M("lib", "sym", link="usr/lib"),
+         M("abs", "sym", link="/usr/lib"), M("up", "sym", link="../../../usr"),
+         M("loop", "sym", link="loop")],
+        [M("abs/b", data=b"b"), M("up/c", data=b"c"),
+         M("lib/.wh.a"), M("l", "link", link="abs/b")],
+    ])
+    got = lines(root)
+    assert {"/usr/lib/b", "/usr/c", "/l"} <= set(got) and "/usr/lib/a" not in got
+    assert isinstance(root.children[b"l"], HardLink) or isinstance(
+        root.children[b"usr"].children[b"lib"].children[b"b"], HardLink)
+    with pytest.raises(TarError, match="too many levels of symbolic links"):
+        tree(tmp_path / "2", [[M("loop", "sym", link="loop"), M("loop/x", data=b"x")]])
+    with pytest.raises(TarError, match="parent directory is not a directory"):
+        tree(tmp_path / "3", [[M("f", data=b"f"), M("f/x", data=b"x")]])

@@ -22,8 +22,9 @@ Rules:
   ``mkcomposefs --hardlinks`` reads from the extracted directory). A link to a missing path or
   to a directory is an error.
 * A parent directory that no layer lists (and the root when no layer has ``./``) is mode 0755,
-  owner 0:0, mtime 0, so the image is reproducible. A parent that exists but is not a directory
-  is an error (extractors would follow a symlink there; images that need that are refused).
+  owner 0:0, mtime 0, so the image is reproducible. A symlink met among the parents of a path
+  is followed, inside the tree (an absolute target or ``..`` never leaves the root), as
+  ``umoci`` and docker resolve it; a parent that is some other non-directory is an error.
 * Symlinks get permission bits 0777 whatever the tar says (Linux has no other kind, and that
   is what an extracted tree shows).
 * Overlay-style whiteouts (character device 0/0) and ``trusted.overlay.*`` xattrs inside a layer
@@ -50,6 +51,7 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 _META_PREFIX = b".wh..wh."
 _IMPLICIT_DIR_MODE = stat.S_IFDIR | 0o755
+_MAX_SYMLINKS = 40
 _TYPE_BITS = {tarlayer.REG: stat.S_IFREG, tarlayer.SYM: stat.S_IFLNK, tarlayer.CHR: stat.S_IFCHR,
               tarlayer.BLK: stat.S_IFBLK, tarlayer.DIR: stat.S_IFDIR, tarlayer.FIFO: stat.S_IFIFO}
 
@@ -134,33 +136,56 @@ class LayerMerger:
         return TarError(f"{self._source}: member {shown}: {message}")
 
     def _lookup_dir(self, path: bytes) -> Node | None:
-        node = self.root
-        if not path:
-            return node
-        for part in path.split(b"/"):
-            child = node.children.get(part)  # type: ignore[union-attr]
-            if not isinstance(child, Node) or child.children is None:
-                return None
-            node = child
-        return node
+        return self._walk(path, None)
 
     def _parent(self, entry: TarEntry, path: bytes) -> Node:
-        """The directory that holds ``path``, creating missing parents (0755, 0:0, mtime 0)."""
-        node = self.root
-        if not path:
-            return node
-        for part in path.split(b"/"):
-            children = node.children
+        node = self._walk(path, entry)
+        assert node is not None
+        return node
+
+    def _walk(self, path: bytes, create_for: TarEntry | None) -> Node | None:
+        """The directory at ``path``, following symlinks on the way as an extractor does, but
+        inside the tree (an absolute target or ``..`` never leaves the root). Missing
+        directories are created (0755, 0:0, mtime 0) when ``create_for`` names the entry that
+        needs them; otherwise a missing or non-directory component gives None."""
+        stack = [self.root]
+        parts = path.split(b"/")[::-1] if path else []
+        hops = 0
+        while parts:
+            part = parts.pop()
+            if part == b"" or part == b".":
+                continue
+            if part == b"..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            children = stack[-1].children
             assert children is not None
             child = children.get(part)
             if child is None:
+                if create_for is None:
+                    return None
                 child = children[part] = Node(_IMPLICIT_DIR_MODE)
                 self._claim(children, part)
+            elif isinstance(child, Node) and child.file_type == stat.S_IFLNK:
+                hops += 1
+                if hops > _MAX_SYMLINKS:
+                    if create_for is None:
+                        return None
+                    raise self._error(create_for, "too many levels of symbolic links in the "
+                                                  "parent directories")
+                target = child.payload or b""
+                if target.startswith(b"/"):
+                    del stack[1:]
+                parts.extend(target.split(b"/")[::-1])
+                continue
             elif not isinstance(child, Node) or child.children is None:
-                raise self._error(entry, "a parent directory is not a directory in the layers "
-                                         "below (not supported)")
-            node = child
-        return node
+                if create_for is None:
+                    return None
+                raise self._error(create_for, "a parent directory is not a directory in the "
+                                              "layers below")
+            stack.append(child)
+        return stack[-1]
 
     def _xattrs(self, entry: TarEntry) -> dict[bytes, bytes]:
         options = self.options
@@ -255,15 +280,14 @@ class LayerMerger:
             self._keep.append(children)
 
     def _find(self, path: bytes) -> Node | None:
-        node: Node = self.root
-        for part in path.split(b"/"):
-            if node.children is None:
-                return None
-            child = node.children.get(part)
-            if not isinstance(child, Node):
-                return None
-            node = child
-        return node
+        """The entry a hard link names (parents resolved like ``_walk``, the last component
+        not followed, as ``link(2)`` does)."""
+        parent_path, _, base = path.rpartition(b"/")
+        parent = self._walk(parent_path, None)
+        if parent is None or parent.children is None:
+            return None
+        child = parent.children.get(base)
+        return child if isinstance(child, Node) else None
 
     # -- the result -----------------------------------------------------------------------------
 

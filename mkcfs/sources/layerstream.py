@@ -8,7 +8,8 @@ The chain for one layer is::
              -> CheckedStream (sha256 of the uncompressed layer = diff_id; bomb limit)
 
 Every reader has ``read(n)`` returning at most ``n`` bytes (``Prefetch``: one chunk of at
-most ``CHUNK``), ``b""`` at the end, so memory stays bounded whatever the blob holds. Errors are ``LayerError`` with one line naming the blob.
+most ``CHUNK``), ``b""`` at the end, so memory stays bounded whatever the blob holds.
+Errors are ``LayerError`` with one line naming the blob.
 
 **Decompression-bomb limit.** A layer may decompress to at most ``RATIO_LIMIT`` (1100) times
 its compressed size plus ``SLACK`` (1 GiB), checked as the data streams. gzip cannot exceed
