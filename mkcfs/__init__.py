@@ -21,6 +21,7 @@ _EXPORTS = {
     "HardLink": "tree", "Node": "tree",
     "parse_dumpfile": "sources.dumpfile", "format_dumpfile": "sources.dumpfile",
     "ImageTree": "sources.oci", "OciOptions": "sources.oci", "load_image_tree": "sources.oci",
+    "image_digest": "sources.oci",
     "build_oci_image": "sources.oci", "ImageSource": "sources.transport",
     "parse_source": "sources.transport",
 }

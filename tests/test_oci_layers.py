@@ -398,3 +398,14 @@ def test_symlinked_parents_are_followed_inside_the_tree(tmp_path):
         tree(tmp_path / "2", [[M("loop", "sym", link="loop"), M("loop/x", data=b"x")]])
     with pytest.raises(TarError, match="parent directory is not a directory"):
         tree(tmp_path / "3", [[M("f", data=b"f"), M("f/x", data=b"x")]])
+
+
+def test_image_digest_reads_no_layer(tmp_path):
+    from mkcfs.sources.oci import image_digest
+    source = layout(tmp_path, [[M("a", data=BIG)]])
+    expected = load_image_tree(source).manifest_digest
+    for blob in (tmp_path / "img" / "blobs" / "sha256").iterdir():
+        if blob.read_bytes()[:2] == b"\x1f\x8b":
+            blob.unlink()          # the layer is gone: the digest is still found
+    assert image_digest(source) == expected
+    assert image_digest(ImageSource("tar", layers=("x",))) is None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -343,10 +344,12 @@ class Prefetch:
         return item
 
     def close(self) -> None:
+        """Stop the thread: it ends after its current read. A read that does not return (a
+        pipe nobody closes) is given up on after a few seconds; the thread is a daemon."""
         self._stop.set()
-        while self._thread.is_alive():
+        deadline = time.monotonic() + 5.0
+        while self._thread.is_alive() and time.monotonic() < deadline:
             try:
-                self._queue.get(timeout=0.05)
+                self._queue.get(timeout=0.05)   # unblocks a put() on a full queue
             except queue.Empty:
                 pass
-        self._thread.join()
