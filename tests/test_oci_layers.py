@@ -409,3 +409,35 @@ def test_image_digest_reads_no_layer(tmp_path):
             blob.unlink()          # the layer is gone: the digest is still found
     assert image_digest(source) == expected
     assert image_digest(ImageSource("tar", layers=("x",))) is None
+
+
+def test_mutated_layers_fail_cleanly_or_merge(tmp_path):
+    """Random byte flips and cuts in a layer: the result is a tree or one of the project's
+    errors, never another exception (no crash, no hang)."""
+    import random
+    from mkcfs.errors import CfsError
+    from mkcfs.sources.layers import LayerMerger
+    base = make_tar([M("d", "dir"), M("d/f", data=BIG), M("l", "link", link="d/f"),
+                     M("s", "sym", link="x" * 200), M("d/.wh..wh..opq"),
+                     M("p", data=b"p", pax={"SCHILY.xattr.user.x": "1", "mtime": "1.5"})],
+                    tarfile.PAX_FORMAT)
+    rng = random.Random(8)
+    for _ in range(300):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(len(data) // 2)    # the headers are in the first half
+            data[pos] = rng.randrange(256)
+        if rng.random() < 0.3:
+            del data[rng.randrange(len(data)):]
+        merger = LayerMerger()
+        merger.begin_layer("t")
+        try:
+            reader = TarReader(io.BytesIO(bytes(data)), "t")
+            for entry in reader:
+                node = merger.add(entry)
+                if node is not None:
+                    b"".join(reader.data())
+            merger.end_layer()
+            merger.finish()
+        except CfsError:
+            pass

@@ -45,12 +45,13 @@ options:
                         source; default: PATH/.mkcfs-digest-cache of --digest-store,
                         unless the store lies inside SOURCE)
   --no-digest-cache     use no digest cache
-  --use-epoch           set every mtime to 0 (directory source)
-  --skip-devices        leave out character and block devices (directory source)
-  --skip-xattrs         read no xattrs from the source (directory source)
-  --user-xattrs         read only user.* xattrs from the source (directory source)
+  --use-epoch           set every mtime to 0 (directory or image source)
+  --skip-devices        leave out character and block devices (directory or image)
+  --skip-xattrs         read no xattrs from the source (directory or image)
+  --user-xattrs         read only user.* xattrs from the source (directory or image)
   --hardlinks           keep hard links as hard links in the image (directory source;
-                        mkcomposefs 1.0.8 stores every link as a separate inode)
+                        mkcomposefs 1.0.8 stores every link as a separate inode; image
+                        sources always keep them)
   --print-digest        print the image's fs-verity digest after writing it
   --print-digest-only   print the digest only, write no image (no IMAGE argument)
   --from-file           SOURCE is a dumpfile
