@@ -457,3 +457,30 @@ def test_stale_run_state_is_pruned(tmp_path: Path, store: Path, image_file: Path
         assert not helper.is_stale(states[0], ours)
     finally:
         assert run_cli("umount", mnt)[0] == 0
+
+
+@needs_mounts
+def test_mount_options_pass_through(tmp_path: Path, store: Path, image_file: Path) -> None:
+    """-o reaches the mount code: VFS flags and ro on a --persist mount; verity where the kernel
+    cannot have it is one line."""
+    from mkcfs.mount import kernel_has_fsverity
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    status, err = run_cli("mount", "--store", store, "--persist", tmp_path / "p",
+                          "-o", "ro,nodev,noexec", image_file, mnt)
+    assert status == 0, err
+    try:
+        line = next(ln for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if ln.split()[4] == str(mnt))
+        flags = line.split()[5].split(",")
+        assert {"ro", "nodev", "noexec"} <= set(flags), line
+        with pytest.raises(OSError, match="Read-only"):
+            (mnt / "new").write_text("x")
+    finally:
+        assert run_cli("umount", mnt)[0] == 0
+    if not kernel_has_fsverity():
+        line = one_error_line(*run_cli("mount", "--store", store, "-o", "verity", image_file,
+                                       mnt), "mount")
+        assert "fs-verity" in line
+        assert mounted_source(mnt) is None
