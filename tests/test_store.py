@@ -34,7 +34,9 @@ def write(path, data: bytes) -> None:
 def store_contents(store) -> dict[str, bytes]:
     """``{"ab/cdef…": content}`` of every object; asserts names, modes and no temporary files."""
     store = Path(store)
-    objects = {}
+    objects: dict[str, bytes] = {}
+    if not store.exists():   # created only at the first object (and removed again if empty)
+        return objects
     for entry in store.iterdir():
         assert not entry.name.startswith(".tmp"), f"stray temporary file {entry}"
         if entry.name == ".mkcfs-digest-cache":   # the default digest cache of a store
@@ -256,6 +258,44 @@ def test_source_changed_between_hash_and_copy(tmp_path, monkeypatch):
     assert store_contents(tmp_path / "objects") == {}
 
 
+@pytest.mark.parametrize("path", ["copy-while-hashing", "hash-then-copy", "object-exists",
+                                  "sparse"])
+@pytest.mark.parametrize("size", [5000, 3 * digests.BUFFER_SIZE + 5])
+def test_source_changed_while_read_is_refused_on_every_path(tmp_path, monkeypatch, path, size):
+    """The same size, new data and a new mtime, written while the file is read: every copy path
+    refuses it, naming the path, and stores nothing under a wrong name."""
+    store = ObjectStore(tmp_path / "objects")
+    store._reflink = False
+    store._hit_score = 0.0 if path == "copy-while-hashing" else 8.0
+    f = tmp_path / "f"
+    data = os.urandom(size)
+    if path == "sparse":
+        if size < digests.BUFFER_SIZE:
+            pytest.skip("small files are read in one piece, never as sparse")
+        with open(f, "wb") as out:
+            out.truncate(size)
+            out.seek(size // 2)
+            out.write(data[:5000])
+    else:
+        write(f, data)
+    if path == "object-exists":
+        store.add_file(os.fsencode(f), size, memoryview(bytearray(digests.BUFFER_SIZE)))
+    real = store_mod.hash_fd
+
+    def tampering(fd, *args, **kw):
+        digest = real(fd, *args, **kw)
+        with open(f, "r+b") as out:
+            out.write(os.urandom(100))
+        os.utime(f, ns=(10**18, 10**18))
+        return digest
+    monkeypatch.setattr(store_mod, "hash_fd", tampering)
+    before = store_contents(tmp_path / "objects")
+    with pytest.raises(WalkError, match=rf"^error computing digest of {f}: file changed while "
+                                        r"being copied to the store$"):
+        store.add_file(os.fsencode(f), size, memoryview(bytearray(digests.BUFFER_SIZE)))
+    assert store_contents(tmp_path / "objects") == before
+
+
 def test_failed_build_leaves_no_temporary_files(src, tmp_path, monkeypatch):
     real = reading.open_source
 
@@ -381,7 +421,7 @@ def test_stale_temporary_files_are_removed(tmp_path):
 
 def test_live_temporary_file_is_not_taken_for_a_stale_one(tmp_path):
     store = ObjectStore(tmp_path / "objects")
-    temp = store._new_temp()
+    temp = store._new_temp(b"src")
     try:
         assert store.clean_stale_temps() == 0   # locked by us (another open file description)
         assert os.path.exists(temp.name)
@@ -401,7 +441,7 @@ def test_new_temporary_file_taken_by_a_cleaner_before_its_lock(tmp_path, monkeyp
             raced.append(store.clean_stale_temps())
         return real_flock(fd, operation)
     monkeypatch.setattr(fcntl, "flock", racing_flock)
-    temp = store._new_temp()
+    temp = store._new_temp(b"src")
     try:
         assert raced == [1]                       # it removed our first file...
         assert os.fstat(temp.lock_fd).st_nlink == 1   # ... and we made a new one
@@ -519,3 +559,71 @@ def test_two_builds_fill_one_store_at_once(big_tree, tmp_path):
     assert (tmp_path / "0.img").read_bytes() == (tmp_path / "1.img").read_bytes()
     sources = [p.read_bytes() for p in big_tree.rglob("*") if p.is_file()]
     assert store_contents(store) == expected_objects(*sources)
+
+
+# -- a store inside the source tree (issue 11) -----------------------------------------------------
+
+#: mkcomposefs 1.0.8 --use-epoch --skip-xattrs --digest-store=t/store t IMG, as root, on the tree
+#: of ``_inside_tree``: with t/store absent (no /store in the image) and on the rerun (t/store
+#: and its two objects listed).
+_INSIDE_FIRST = "0b21d1b0b458be85bfcace9a0584013a5257bb8bd3330efb7b8009d1632b833d"
+_INSIDE_RERUN = "46066e3a06278a3d9a323c822085201429a11fcb7ed603bd89041b71cc456558"
+
+
+def _inside_tree(t: Path) -> None:
+    (t / "sub").mkdir(parents=True)
+    write(t / "a", bytes(range(256)) * 2)
+    write(t / "sub" / "b", b"composefs\n" * 700)
+    write(t / "c", b"tiny")
+    for p in (t, t / "sub"):
+        os.chmod(p, 0o755)
+    for p in (t / "a", t / "sub" / "b", t / "c"):
+        os.chmod(p, 0o644)
+
+
+@pytest.mark.skipif(not ROOT, reason="the pinned 1.0.8 images were made as root (uid/gid 0)")
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_store_inside_the_source_gives_the_1_0_8_image(tmp_path, threads):
+    import hashlib
+
+    t = tmp_path / "t"
+    _inside_tree(t)
+    images = []
+    for name in ("first.img", "rerun.img"):
+        proc = _mkcfs("--use-epoch", "--skip-xattrs", f"--threads={threads}",
+                      f"--digest-store={t / 'store'}", str(t), str(tmp_path / name))
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        images.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert images == [_INSIDE_FIRST, _INSIDE_RERUN]
+    assert store_contents(t / "store") == expected_objects(
+        (t / "a").read_bytes(), (t / "sub" / "b").read_bytes())
+
+
+def test_store_is_created_at_the_first_object(tmp_path):
+    only_small = tmp_path / "src"
+    only_small.mkdir()
+    write(only_small / "small", b"x" * 64)
+    store = tmp_path / "a" / "b" / "objects"
+    walk_directory(only_small, WalkOptions(digest_store=store, progress=False))
+    assert not (tmp_path / "a").exists()      # nothing stored, nothing created
+    write(only_small / "big", b"y" * 65)
+    walk_directory(only_small, WalkOptions(digest_store=store, progress=False))
+    assert store_contents(store) == expected_objects(b"y" * 65)
+
+
+def test_store_changed_between_walk_and_store_pass(tmp_path, monkeypatch):
+    """A store inside the source is filled after the walk: a file that changed in between is
+    refused (its data is not what the image refers to)."""
+    t = tmp_path / "t"
+    _inside_tree(t)
+    import mkcfs.sources.walk as walk_mod
+    real = walk_mod._fill_store_after_walk
+
+    def tamper(src, root, store, threads):
+        write(t / "a", b"z" * 512)
+        return real(src, root, store, threads)
+    monkeypatch.setattr(walk_mod, "_fill_store_after_walk", tamper)
+    with pytest.raises(WalkError, match=r"a: file changed while being copied to the store$"):
+        walk_directory(t, WalkOptions(digest_store=t / "store", threads=1, progress=False))
+    store_contents(t / "store")   # whatever got stored is under its own digest

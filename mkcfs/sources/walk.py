@@ -20,6 +20,9 @@ as mkcomposefs 1.0.8 given the same directory and options (composefs-format.md Â
   a larger one gets its fs-verity digest, and payload = its object path ``ab/cdefâ€¦``. Those reads
   and hashes run on ``threads`` worker processes (``mkcfs.store.digests``) while the walk goes on;
   with ``digest_store`` each such file is also put into that object store (``mkcfs.store.objects``).
+  A store inside the source tree is filled only after the walk, and the store directory is
+  created only when the first object is stored, as mkcomposefs 1.0.8 does: the image lists the
+  store (and its objects) exactly when it existed before the build.
 * **Hard links.** mkcomposefs 1.0.8 does not detect hard links in a directory source: every path
   is a separate inode with nlink 1 (a file with several links is still read only once here). That
   is the default, for byte identity. With ``hardlinks=True``, entries other than directories
@@ -47,7 +50,8 @@ from mkcfs.store.digests import INLINE_MAX, DigestPool
 from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
 from mkcfs.progress import Progress
-from mkcfs.tree import HardLink, Node
+from mkcfs.store.reading import file_changed
+from mkcfs.tree import HardLink, Node, iter_tree
 
 if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.store.cache import DigestCache
@@ -298,10 +302,12 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     if not stat.S_ISDIR(st.st_mode):
         raise walk_error("error accessing", src, os.strerror(errno.ENOTDIR))
 
-    store = None
+    store = store_after_walk = None
     if options.digest_store is not None:
         from mkcfs.store.objects import ObjectStore
         store = ObjectStore(options.digest_store)
+        if _inside(store.root, src):
+            store, store_after_walk = None, store
     cache = None
     if options.digest_cache is not None:
         from mkcfs.store.cache import DigestCache
@@ -322,4 +328,36 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     finally:
         if progress is not None:
             progress.close()
+    if store_after_walk is not None:
+        _fill_store_after_walk(src, root, store_after_walk, threads)
     return root
+
+
+def _inside(path: bytes, directory: bytes) -> bool:
+    """Whether ``path`` (existing or not) is ``directory`` or below it, symlinks resolved."""
+    real = os.path.realpath(path)
+    top = os.path.realpath(directory)
+    return real == top or real.startswith(top.rstrip(b"/") + b"/")
+
+
+def _fill_store_after_walk(src: bytes, root: Node, store: ObjectStore, threads: int) -> None:
+    """Store the tree's files in a store that lies inside the source tree, after the walk, as
+    mkcomposefs 1.0.8 does: the walk saw the tree as it was before the build (no store
+    directory if there was none, no objects this build adds), so the image is 1.0.8's. Each
+    file is read again; one that changed since the walk hashed it is refused."""
+    pool = DigestPool(threads, store)
+    checks: list[tuple[bytes, Node, Node]] = []
+    try:
+        for path, entry in iter_tree(root):
+            if isinstance(entry, Node) and entry.digest is not None:
+                again = Node(entry.mode, size=entry.size)
+                full = src.rstrip(b"/") + path
+                pool.add(full, again)
+                checks.append((full, entry, again))
+        pool.finish()
+    except BaseException:
+        pool.abort()
+        raise
+    for full, entry, again in checks:
+        if again.digest != entry.digest:
+            raise file_changed(full)

@@ -123,6 +123,7 @@ def run_batch(batch: list[tuple[bytes, int]], store: ObjectStore | None,
     except BaseException:
         if store is not None:
             store.discard_pending()
+            store.remove_empty_dirs()   # the ab/ directories made for objects now dropped
         raise
     return out
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import threading
 from typing import Any
 
@@ -49,7 +50,7 @@ from fsverity import FsVerityHasher, data_extents, digest_bytes, is_sparse, obje
 from fsverity.kernel import enable_verity
 
 from mkcfs.errors import StoreError, WalkError, path_error, walk_error
-from mkcfs.fsutil import LockedTemp, makedirs, remove_stale_temporaries
+from mkcfs.fsutil import LockedTemp, makedirs, remove_created_dirs, remove_stale_temporaries
 from mkcfs.store.reading import (BUFFER_SIZE, CancelFlag, Snapshot, file_changed, hash_fd,
                                  open_source, snapshot)
 
@@ -90,46 +91,91 @@ def _syncfs(fd: int) -> None:
 _libc: Any = None
 
 
-def _store_error(path: bytes, exc: OSError | str) -> StoreError:
-    return path_error(StoreError, "cannot fill store", path, exc)
-
-
 class ObjectStore:
-    """An object store directory, created if missing. Opening it checks that it is a writable
-    directory and removes the temporary files that killed builds left behind (``prepare=False``
-    skips all that, for a second view of a store already opened). Safe to use from several
+    """An object store directory. Opening it checks that it can be used -- an existing store
+    must be a writable directory, a missing one must be creatable (its nearest existing ancestor
+    is a writable directory) -- and removes the temporary files that killed builds left behind
+    (``prepare=False`` skips all that, for a second view of a store already opened). The
+    directory itself is created only when the first object is stored, as mkcomposefs 1.0.8
+    does, so a build that stores nothing leaves no empty store behind. Safe to use from several
     threads and processes at once."""
 
-    def __init__(self, path: str | bytes, prepare: bool = True) -> None:
+    def __init__(self, path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+                 prepare: bool = True) -> None:
         self.path = os.fsencode(path)
         self.root = self.path.rstrip(b"/") or b"/"
         self._dirs: set[bytes] = set()
-        self._dirs_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._root_ready = False
+        #: directories this view created (removed again, if empty, by ``remove_empty_dirs``)
+        self._created: list[bytes] = []
         self._lock_temps = True
         self._verity = True
         self._copy_range = True
         self._reflink: bool | None = None   # unknown until a copy tried it
         self._hit_score = 0.0
         self._local = threading.local()   # per thread: deferred objects waiting for a flush
-        if not prepare:   # another view of a store already opened (a worker process)
-            return
-        try:
-            makedirs(self.root, DIR_MODE)
-        except OSError as exc:
-            raise _store_error(self.path, exc) from None
-        self.clean_stale_temps()
-        # fail now, not after the walk, when the store is not writable
-        try:
+        if prepare:
+            self._check_usable()
+
+    # -- errors -------------------------------------------------------------------------------
+
+    def _error(self, exc: OSError | str, source: bytes | str | None = None) -> StoreError:
+        """``cannot fill store STORE[ with SOURCE]: reason``: names the store and the source
+        of the object (never a temporary file, which is gone by the time anyone reads this)."""
+        if source is None:
+            return path_error(StoreError, "cannot fill store", self.path, exc)
+        return path_error(StoreError, f"cannot fill store {os.fsdecode(self.path)} with", source,
+                          exc)
+
+    def _check_usable(self) -> None:
+        """Fail now, not after the walk, when the store cannot be used; nothing is created
+        or written (a store inside the source tree must not change what the walk sees)."""
+        probe = self.root
+        while True:
             try:
-                probe = LockedTemp(self.root, TEMP_PREFIX, lock=True)
+                st = os.stat(probe)
+                break
+            except FileNotFoundError:
+                parent = os.path.dirname(probe)
+                if not parent or parent == probe:
+                    raise self._error(os.strerror(errno.ENOENT)) from None
+                probe = parent
             except OSError as exc:
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self._lock_temps = False
-                probe = LockedTemp(self.root, TEMP_PREFIX, lock=False)
-            probe.discard()
+                raise self._error(exc) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise self._error(os.strerror(errno.ENOTDIR))
+        if not os.access(probe, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            readonly = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+            raise self._error(os.strerror(errno.EROFS if readonly else errno.EACCES))
+        if probe == self.root:
+            self._root_ready = True
+            self.clean_stale_temps()
+
+    def _makedirs(self, directory: bytes, source: bytes | str | None) -> None:
+        try:
+            created = makedirs(directory, DIR_MODE)
         except OSError as exc:
-            raise _store_error(self.path, exc) from None
+            raise self._error(exc, source) from None
+        if created:
+            with self._lock:
+                self._created.extend(created)
+
+    def _ensure_root(self, source: bytes | str | None) -> None:
+        if not self._root_ready:
+            self._makedirs(self.root, source)
+            self._root_ready = True
+
+    def remove_empty_dirs(self) -> None:
+        """After a failed build: remove the directories this view created (``ab/``, the store
+        itself) that are still empty. Only those, and only if empty."""
+        with self._lock:
+            created, self._created = self._created, []
+            for sub in {os.path.basename(d) for d in created}:
+                self._dirs.discard(sub)
+            if self.root in created:
+                self._root_ready = False
+        remove_created_dirs(sorted(created, key=len))
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -141,20 +187,18 @@ class ObjectStore:
         try:
             os.lstat(self.object_file(digest))
             return True
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
 
-    def _target(self, digest: bytes) -> tuple[bytes, bool]:
-        """``(object path, exists)``, creating the ``ab`` directory when needed."""
+    def _target(self, digest: bytes, source: bytes | str) -> tuple[bytes, bool]:
+        """``(object path, exists)``, creating the ``ab`` directory (and the store) when
+        needed."""
         rel = object_path(digest).encode()
         sub = rel[:2]
         if sub not in self._dirs:
-            directory = b"%s/%s" % (self.root, sub)
-            try:
-                makedirs(directory, DIR_MODE)
-            except OSError as exc:
-                raise _store_error(directory, exc) from None
-            with self._dirs_lock:
+            self._ensure_root(source)
+            self._makedirs(b"%s/%s" % (self.root, sub), source)
+            with self._lock:
                 self._dirs.add(sub)
         final = b"%s/%s" % (self.root, rel)
         try:
@@ -163,7 +207,7 @@ class ObjectStore:
         except FileNotFoundError:
             exists = False
         except OSError as exc:
-            raise _store_error(final, exc) from None
+            raise self._error(exc, source) from None
         # remember how often objects already exist: when most do, hash before copying
         self._hit_score = self._hit_score * 0.875 + (1.0 if exists else 0.0)
         return final, exists
@@ -208,20 +252,20 @@ class ObjectStore:
                 raise walk_error("cannot store", name.encode(),
                                  f"{len(data)} bytes instead of {size}")
             digest = digest_bytes(data)
-            final, exists = self._target(digest)
+            final, exists = self._target(digest, name)
             if not exists:
-                temp = self._new_temp()
+                temp = self._new_temp(name)
                 try:
                     try:
                         temp.write(memoryview(data))
                     except OSError as exc:
-                        raise _store_error(temp.name, exc) from None
-                    self._commit(temp, final, defer)
+                        raise self._error(exc, name) from None
+                    self._commit(temp, final, defer, name)
                 except BaseException:
                     temp.discard()
                     raise
             return digest
-        stream_temp: LockedTemp | None = self._new_temp()
+        stream_temp: LockedTemp | None = self._new_temp(name)
         assert stream_temp is not None
         try:
             hasher = FsVerityHasher()
@@ -232,49 +276,68 @@ class ObjectStore:
                 try:
                     write(memoryview(chunk))
                 except OSError as exc:
-                    raise _store_error(stream_temp.name, exc) from None
+                    raise self._error(exc, name) from None
             if hasher.size != size:
                 raise walk_error("cannot store", name.encode(),
                                  f"{hasher.size} bytes instead of {size}")
             digest = hasher.digest()
-            final, exists = self._target(digest)
+            final, exists = self._target(digest, name)
             if not exists:
-                self._commit(stream_temp, final, defer)
+                self._commit(stream_temp, final, defer, name)
                 stream_temp = None
         finally:
             if stream_temp is not None:
                 stream_temp.discard()
         return digest
 
-    def _pending(self) -> list[tuple[LockedTemp, bytes]]:
+    def _pending(self) -> list[tuple[LockedTemp, bytes, bytes | str]]:
         pending = getattr(self._local, "pending", None)
         if pending is None:
             pending = self._local.pending = []
         return pending
 
-    def _new_temp(self) -> LockedTemp:
-        """A new locked temporary file in the store root, for an object being written."""
+    def _new_temp(self, source: bytes | str) -> LockedTemp:
+        """A new locked temporary file in the store root, for the object of ``source``."""
+        self._ensure_root(source)
+        prefix = b"%s%d-" % (TEMP_PREFIX, os.getpid())
         try:
-            return LockedTemp(self.root, b"%s%d-" % (TEMP_PREFIX, os.getpid()),
-                              lock=self._lock_temps)
+            try:
+                return LockedTemp(self.root, prefix, lock=self._lock_temps)
+            except OSError as exc:
+                if not self._lock_temps or exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP,
+                                                             errno.ENOSYS):
+                    raise
+            self._lock_temps = False   # no flock on this filesystem: unlocked temporaries
+            return LockedTemp(self.root, prefix, lock=False)
         except OSError as exc:
-            raise _store_error(self.path, exc) from None
+            raise self._error(exc, source) from None
 
-    def _commit(self, temp: LockedTemp, final: bytes, defer: bool) -> None:
+    def _commit(self, temp: LockedTemp, final: bytes, defer: bool, source: bytes | str) -> None:
         """``temp`` holds the complete object ``final``: mode 0644, fs-verity, then the name
         now (fsync first), or at this thread's next ``flush`` (see ``add_file``)."""
         try:
             temp.finish(OBJECT_MODE, sync=not defer)
             self._enable_verity(temp.lock_fd)
             if not defer:
-                temp.commit(final)
+                self._place(temp, final)
                 return
         except OSError as exc:
-            raise _store_error(final, exc) from None
+            raise self._error(exc, source) from None
         pending = self._pending()
-        pending.append((temp, final))
+        pending.append((temp, final, source))
         if len(pending) >= _GROUP:
             self.flush()
+
+    def _place(self, temp: LockedTemp, final: bytes) -> None:
+        """Rename ``temp`` to ``final``; if a failed build removed the (empty) ``ab``
+        directory meanwhile, create it again."""
+        try:
+            temp.commit(final)
+        except FileNotFoundError:
+            if not os.path.exists(temp.name):
+                raise
+            self._makedirs(os.path.dirname(final), None)
+            temp.commit(final)
 
     def flush(self) -> None:
         """Make this thread's deferred objects durable (one ``syncfs``) and name them."""
@@ -285,14 +348,17 @@ class ObjectStore:
             try:
                 _syncfs(pending[0][0].lock_fd)
             except OSError:
-                for temp, _ in pending:
-                    os.fsync(temp.lock_fd)
+                for temp, _, source in pending:
+                    try:
+                        os.fsync(temp.lock_fd)
+                    except OSError as exc:
+                        raise self._error(exc, source) from None
             while pending:
-                temp, final = pending[0]
+                temp, final, source = pending[0]
                 try:
-                    temp.commit(final)
+                    self._place(temp, final)
                 except OSError as exc:
-                    raise _store_error(final, exc) from None
+                    raise self._error(exc, source) from None
                 pending.pop(0)
         finally:
             self.discard_pending()
@@ -305,7 +371,7 @@ class ObjectStore:
 
     def _copy_while_hashing(self, fd: int, src: bytes, size: int, view: memoryview,
                             before: Snapshot, cancel: CancelFlag | None, defer: bool) -> bytes:
-        temp: LockedTemp | None = self._new_temp()
+        temp: LockedTemp | None = self._new_temp(src)
         assert temp is not None
         try:
             try:
@@ -314,12 +380,12 @@ class ObjectStore:
             except OSError as exc:
                 if isinstance(exc, WalkError):
                     raise
-                raise _store_error(temp.name, exc) from None   # a write error
+                raise self._error(exc, src) from None   # a write error
             if after != before:
                 raise file_changed(src)
-            final, exists = self._target(digest)
+            final, exists = self._target(digest, src)
             if not exists:
-                self._commit(temp, final, defer)
+                self._commit(temp, final, defer, src)
                 temp = None
         finally:
             if temp is not None:
@@ -330,10 +396,16 @@ class ObjectStore:
                         before: Snapshot, cancel: CancelFlag | None, defer: bool,
                         sparse: bool) -> bytes:
         digest = hash_fd(fd, size, src, view, None, cancel)
-        final, exists = self._target(digest)
+        final, exists = self._target(digest, src)
         if exists:
+            try:
+                after = snapshot(fd)
+            except OSError as exc:
+                raise path_error(WalkError, "error computing digest of", src, exc) from None
+            if after != before:
+                raise file_changed(src)
             return digest
-        temp: LockedTemp | None = self._new_temp()
+        temp: LockedTemp | None = self._new_temp(src)
         assert temp is not None
         try:
             try:
@@ -341,10 +413,10 @@ class ObjectStore:
                 after = snapshot(fd)
                 written = os.fstat(temp.fd).st_size
             except OSError as exc:
-                raise _store_error(final, exc) from None
+                raise self._error(exc, src) from None
             if after != before or written != size:
                 raise file_changed(src)
-            self._commit(temp, final, defer)
+            self._commit(temp, final, defer, src)
             temp = None
         finally:
             if temp is not None:
@@ -414,7 +486,5 @@ class ObjectStore:
 
     def clean_stale_temps(self) -> int:
         """Remove the temporary files of builds that no longer run (not locked). Returns how
-        many were removed."""
-        if not os.path.isdir(self.root):
-            raise _store_error(self.path, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+        many were removed (none when the store does not exist yet)."""
         return remove_stale_temporaries(self.root, TEMP_PREFIX)
