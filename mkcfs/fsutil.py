@@ -43,8 +43,8 @@ def makedirs(path: bytes, mode: int = 0o755) -> list[bytes]:
             break
         except FileNotFoundError:
             missing.append(current)
-            parent = os.path.dirname(current.rstrip(b"/"))
-            if not parent or parent == current:
+            parent = os.path.dirname(current.rstrip(b"/")) or b"."
+            if parent == current:
                 raise
             current = parent
     if not stat.S_ISDIR(st.st_mode):

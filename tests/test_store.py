@@ -296,7 +296,13 @@ def test_source_changed_while_read_is_refused_on_every_path(tmp_path, monkeypatc
     assert store_contents(tmp_path / "objects") == before
 
 
-def test_failed_build_leaves_no_temporary_files(src, tmp_path, monkeypatch):
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_build_leaves_no_temporary_files(src, tmp_path, monkeypatch, existing):
+    """... nor the empty ab/ directories (or store) it created; directories that were there
+    before stay."""
+    store = tmp_path / "deep" / "objects"
+    if existing:
+        (store / "00").mkdir(parents=True)
     real = reading.open_source
 
     def vanishing(path):
@@ -306,21 +312,29 @@ def test_failed_build_leaves_no_temporary_files(src, tmp_path, monkeypatch):
     monkeypatch.setattr(reading, "open_source", vanishing)
     monkeypatch.setattr(digests, "open_source", vanishing)
     monkeypatch.setattr(store_mod, "open_source", vanishing)
-    store = tmp_path / "objects"
     with pytest.raises(WalkError, match="sub/c: No such file"):
         walk_directory(src, WalkOptions(digest_store=store, threads=1, progress=False))
-    store_contents(store)
+    assert store_contents(store) == {}
+    if existing:
+        assert sorted(p.name for p in store.iterdir()) == ["00"]
+    else:
+        assert list(tmp_path.iterdir()) == [tmp_path / "src"]
 
 
-def test_write_error_names_the_store(tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["copy-while-hashing", "hash-then-copy"])
+def test_write_error_names_the_store_and_the_source(tmp_path, monkeypatch, strategy):
     store = ObjectStore(tmp_path / "objects")
     store._reflink = False
+    store._copy_range = False
+    store._hit_score = 0.0 if strategy == "copy-while-hashing" else 8.0
     write(tmp_path / "f", os.urandom(1000))
 
-    def full(fd, data):
+    def full(fd, data, *offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "write", full)
-    with pytest.raises(StoreError, match=r"^cannot fill store .*: No space left on device$"):
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(StoreError, match=rf"^cannot fill store {tmp_path}/objects with "
+                                         rf"{tmp_path}/f: No space left on device$"):
         store.add_file(os.fsencode(tmp_path / "f"), 1000,
                        memoryview(bytearray(digests.BUFFER_SIZE)))
     monkeypatch.undo()
@@ -530,8 +544,12 @@ def test_sigkill_leaves_only_complete_objects(big_tree, tmp_path):
     assert ref.wait() == 0, ref.stderr.read()
     duration = time.monotonic() - started
     expected_image = (tmp_path / "ref.img").read_bytes()
-    # kill builds into fresh stores at moments spread over a whole build
-    for i, fraction in enumerate((0.15, 0.3, 0.45, 0.6, 0.75, 0.9)):
+    # kill builds into fresh stores at moments spread over a whole build, and at random ones
+    import random
+    seed = random.randrange(1 << 30)
+    moments = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, *(random.Random(seed).uniform(0.02, 1.0)
+                                                  for _ in range(2)))
+    for i, fraction in enumerate(moments):
         store = tmp_path / f"objects{i}"
         image = tmp_path / f"out{i}.img"
         proc = _mkcfs("--threads=2", f"--digest-store={store}", str(big_tree), str(image))
@@ -544,21 +562,94 @@ def test_sigkill_leaves_only_complete_objects(big_tree, tmp_path):
         proc = _mkcfs(f"--digest-store={store}", str(big_tree), str(image))
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-        assert store_contents(store) == expected_objects(*sources)   # no temporary files
+        assert store_contents(store) == expected_objects(*sources), f"kill at {fraction} ({seed=})"
         assert image.read_bytes() == expected_image
 
 
-def test_two_builds_fill_one_store_at_once(big_tree, tmp_path):
+def test_four_builds_fill_one_store_at_once(big_tree, tmp_path):
     store = tmp_path / "objects"
-    procs = [_mkcfs(f"--digest-store={store}", str(big_tree), str(tmp_path / f"{i}.img"))
-             for i in range(2)]
-    results = [p.communicate(timeout=120) for p in procs]
+    procs = [_mkcfs("--threads=1", f"--digest-store={store}", str(big_tree),
+                    str(tmp_path / f"{i}.img")) for i in range(4)]
+    results = [p.communicate(timeout=300) for p in procs]
     for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err
         assert err == b""
-    assert (tmp_path / "0.img").read_bytes() == (tmp_path / "1.img").read_bytes()
+    images = {(tmp_path / f"{i}.img").read_bytes() for i in range(4)}
+    assert len(images) == 1
     sources = [p.read_bytes() for p in big_tree.rglob("*") if p.is_file()]
     assert store_contents(store) == expected_objects(*sources)
+
+
+def test_two_builds_write_one_image_at_once(big_tree, tmp_path):
+    """Both succeed; the image is one of the two complete images, no temporary file is left."""
+    other = tmp_path / "other"
+    other.mkdir()
+    write(other / "f", os.urandom(100_000))
+    expected = []
+    for i, src in enumerate((big_tree, other)):
+        proc = _mkcfs(str(src), str(tmp_path / f"expected{i}.img"))
+        assert proc.wait(timeout=300) == 0
+        expected.append((tmp_path / f"expected{i}.img").read_bytes())
+    image = tmp_path / "out" / "one.img"
+    image.parent.mkdir()
+    for _ in range(3):
+        procs = [_mkcfs(str(src), str(image)) for src in (big_tree, other)]
+        for p in procs:
+            _out, err = p.communicate(timeout=300)
+            assert p.returncode == 0 and err == b"", err
+        assert image.read_bytes() in expected
+        assert os.listdir(image.parent) == ["one.img"]
+
+
+def _tmpfs(path: Path, size: str) -> None:
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                   check=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
+@pytest.mark.parametrize("where", ["store", "image", "both"])
+def test_full_filesystem_then_rerun_after_freeing_space(big_tree, tmp_path, where):
+    """A store and/or an image on a tmpfs too small for them: one line naming the store and the
+    source (or the image), exit 1, no image, no temporary file, no empty ab/ directory; after
+    the tmpfs is grown, the same command gives the image of a clean build."""
+    proc = _mkcfs(f"--digest-store={tmp_path / 'clean-store'}", str(big_tree),
+                  str(tmp_path / "clean.img"))
+    assert proc.wait(timeout=300) == 0
+    clean = (tmp_path / "clean.img").read_bytes()
+    fs = tmp_path / "fs"
+    assert len(clean) > 8192
+    _tmpfs(fs, "4k" if where == "image" else "20m")
+    try:
+        if where == "image":   # the image does not fit; the store (outside) does
+            store, image = tmp_path / "store", fs / "out.img"
+        else:
+            store = fs / "store"
+            image = fs / "out.img" if where == "both" else tmp_path / "out.img"
+        proc = _mkcfs(f"--digest-store={store}", str(big_tree), str(image))
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1
+        lines = err.decode().splitlines()
+        assert len(lines) == 1 and lines[0].endswith(": No space left on device"), err
+        if where == "image":
+            assert str(image) in lines[0] or "cannot write" in lines[0], lines[0]
+        else:
+            assert lines[0].startswith(f"mkcomposefs: cannot fill store {store} with {big_tree}/")
+            assert ".tmp" not in lines[0]
+        assert not image.exists()
+        assert [n for n in os.listdir(image.parent) if n.startswith(".")] == []
+        for sub in (store.iterdir() if store.exists() else ()):
+            assert not sub.name.startswith(".tmp"), sub
+            assert any(sub.iterdir()), f"empty directory {sub} left behind"
+        subprocess.run(["mount", "-o", "remount,size=400m", str(fs)], check=True)
+        proc = _mkcfs(f"--digest-store={store}", str(big_tree), str(image))
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert image.read_bytes() == clean
+        sources = [p.read_bytes() for p in big_tree.rglob("*") if p.is_file()]
+        assert store_contents(store) == expected_objects(*sources)
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
 
 
 # -- a store inside the source tree (issue 11) -----------------------------------------------------
@@ -600,7 +691,7 @@ def test_store_inside_the_source_gives_the_1_0_8_image(tmp_path, threads):
         (t / "a").read_bytes(), (t / "sub" / "b").read_bytes())
 
 
-def test_store_is_created_at_the_first_object(tmp_path):
+def test_store_is_created_at_the_first_object(tmp_path, monkeypatch):
     only_small = tmp_path / "src"
     only_small.mkdir()
     write(only_small / "small", b"x" * 64)
@@ -610,6 +701,9 @@ def test_store_is_created_at_the_first_object(tmp_path):
     write(only_small / "big", b"y" * 65)
     walk_directory(only_small, WalkOptions(digest_store=store, progress=False))
     assert store_contents(store) == expected_objects(b"y" * 65)
+    monkeypatch.chdir(tmp_path)   # a relative store path that does not exist yet
+    walk_directory(only_small, WalkOptions(digest_store="rel/objects", progress=False))
+    assert store_contents(tmp_path / "rel" / "objects") == expected_objects(b"y" * 65)
 
 
 def test_store_changed_between_walk_and_store_pass(tmp_path, monkeypatch):
@@ -627,3 +721,32 @@ def test_store_changed_between_walk_and_store_pass(tmp_path, monkeypatch):
     with pytest.raises(WalkError, match=r"a: file changed while being copied to the store$"):
         walk_directory(t, WalkOptions(digest_store=t / "store", threads=1, progress=False))
     store_contents(t / "store")   # whatever got stored is under its own digest
+
+
+# -- sparse files ------------------------------------------------------------------------------------
+
+def test_sparse_file_is_hashed_without_reading_holes_and_stored_with_holes(tmp_path):
+    size = 256 << 20
+    src = tmp_path / "src"
+    src.mkdir()
+    extents = [(12345, os.urandom(100_000)), (100 << 20, os.urandom(5000)), (size - 3, b"end")]
+    with open(src / "sparse", "wb") as f:
+        f.truncate(size)
+        for offset, data in extents:
+            f.seek(offset)
+            f.write(data)
+    dense = bytearray(size)
+    for offset, data in extents:
+        dense[offset:offset + len(data)] = data
+    expected = fsverity.digest_bytes(dense)
+    store = tmp_path / "objects"
+    root = walk_directory(src, WalkOptions(digest_store=store, progress=False))
+    assert root.children[b"sparse"].digest == expected
+    obj = store / fsverity.object_path(expected)
+    assert obj.stat().st_size == size
+    assert obj.stat().st_blocks * 512 < 4 << 20      # the holes stayed holes
+    with open(obj, "rb") as f:
+        for offset, data in extents:
+            f.seek(offset)
+            assert f.read(len(data)) == data
+    assert fsverity.digest_file(obj) == expected

@@ -131,7 +131,7 @@ class ObjectStore:
     def _check_usable(self) -> None:
         """Fail now, not after the walk, when the store cannot be used; nothing is created
         or written (a store inside the source tree must not change what the walk sees)."""
-        probe = self.root
+        probe = os.path.abspath(self.root)
         while True:
             try:
                 st = os.stat(probe)
@@ -148,7 +148,7 @@ class ObjectStore:
         if not os.access(probe, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
             readonly = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
             raise self._error(os.strerror(errno.EROFS if readonly else errno.EACCES))
-        if probe == self.root:
+        if probe == os.path.abspath(self.root):
             self._root_ready = True
             self.clean_stale_temps()
 
