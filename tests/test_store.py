@@ -638,7 +638,8 @@ def test_full_filesystem_then_rerun_after_freeing_space(big_tree, tmp_path, wher
         assert [n for n in os.listdir(image.parent) if n.startswith(".")] == []
         for sub in (store.iterdir() if store.exists() else ()):
             assert not sub.name.startswith(".tmp"), sub
-            assert any(sub.iterdir()), f"empty directory {sub} left behind"
+            if sub.name != ".mkcfs-digest-cache":   # the default digest cache of a store
+                assert any(sub.iterdir()), f"empty directory {sub} left behind"
         subprocess.run(["mount", "-o", "remount,size=400m", str(fs)], check=True)
         proc = _mkcfs(f"--digest-store={store}", str(big_tree), str(image))
         _out, err = proc.communicate(timeout=300)
