@@ -441,3 +441,14 @@ def test_mutated_layers_fail_cleanly_or_merge(tmp_path):
             merger.finish()
         except CfsError:
             pass
+
+
+@pytest.mark.parametrize("order", ["whiteout-first", "whiteout-last"])
+def test_whiteout_of_a_directory_the_same_layer_writes_into(tmp_path, order):
+    wh = [M(".wh.a")]
+    new = [M("a/new", data=b"n")]
+    root = tree(tmp_path, [
+        [M("a", "dir", mode=0o700), M("a/old", data=b"o"), M("a/sub", "dir"), M("a/sub/x", data=b"x")],
+        wh + new if order == "whiteout-first" else new + wh,
+    ])
+    assert set(lines(root)) == {"/", "/a", "/a/new"}

@@ -11,7 +11,7 @@ Rules:
   the directory's subtree; a directory over a directory keeps the children and takes the new
   entry's metadata (mode, owner, mtime, xattrs).
 * ``DIR/.wh.NAME`` removes NAME and its subtree from the *lower* layers: what the same layer
-  put there (before or after the whiteout) stays.
+  put there (before or after the whiteout) stays, with the directories that hold it.
 * ``DIR/.wh..wh..opq`` hides every lower-layer entry below DIR, wherever the marker appears in
   the layer: entries of the same layer (before or after it) stay. Other ``.wh..wh.*`` names
   (AUFS bookkeeping) are ignored; whiteout entries never reach the tree.
@@ -184,6 +184,10 @@ class LayerMerger:
                     return None
                 raise self._error(create_for, "a parent directory is not a directory in the "
                                               "layers below")
+            elif create_for is not None:
+                # the layer needs this directory for its entry: a whiteout or opaque marker
+                # of the same layer hides only its lower-layer contents, not the directory
+                self._claim(children, part)
             stack.append(child)
         return stack[-1]
 
