@@ -22,9 +22,13 @@ Safety
   data regions of a sparse file, so the copy keeps its holes). On every path the source's size,
   mtime and ctime are checked not to have changed between the start of the read and the end of
   the copy: a source that changed is refused, naming its path.
-* The store directory is created (``mkdir -p``, 0755 minus umask) and checked when it is opened,
-  before any work, so an unusable store fails a build at once (mkcomposefs 1.0.8 creates it only
-  when it copies the first object, after the whole walk).
+* The store directory is checked when it is opened, before any work, so an unusable store fails
+  a build at once, but nothing is created then: the directory (``mkdir -p``, 0755 minus umask)
+  appears with the first object, as with mkcomposefs 1.0.8 (a store inside the source tree must
+  not change what the walk sees; ``mkcfs.sources.walk`` fills such a store after the walk). A
+  failed build removes the directories it created that are still empty
+  (``remove_empty_dirs``).
+* Errors name the store and the object's source path (``StoreError``), never a temporary file.
 * **Crash safety.** Each temporary file is ``flock``ed by the process writing it for as long as it
   exists. A process killed at any moment (even with SIGKILL) leaves at most temporary files with
   no lock; ``ObjectStore()`` removes those when the store is opened next. A temporary file that is
