@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Union
 
 from fsverity import object_path
 
-from mkcfs.store.digests import INLINE_MAX, DigestPool
+from mkcfs.store.digests import DigestPool
+from mkcfs.store.reading import INLINE_MAX
 from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
 from mkcfs.progress import Progress
