@@ -291,3 +291,19 @@ def test_concurrent_builds_share_one_cache(tmp_path):
     for n, src in enumerate(trees):
         assert (tmp_path / f"{n}.img").read_bytes() == build(src)
         assert build(src, cache) == build(src)
+
+
+def test_unchanged_rebuild_does_not_rewrite_the_cache(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src)
+    cache = tmp_path / "cache"
+    build(src, cache)
+    before = os.stat(cache)
+    assert build(src, cache) == build(src)
+    after = os.stat(cache)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # one file fewer: rewritten, without it
+    os.unlink(src / "f4")
+    build(src, cache)
+    assert os.stat(cache).st_ino != before.st_ino
+    assert len(sections(cache)[0].raw) == 19 * 64
