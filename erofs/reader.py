@@ -26,7 +26,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from .errors import ImageFormatError
 from .format import (
@@ -47,7 +48,8 @@ from .format import (
     XATTR_INDEX_PREFIX,
 )
 
-__all__ = ["Image", "Inode", "XattrEntry", "WorkBudget", "ImageFormatError", "S_IFMT", "S_IFDIR",
+__all__ = ["Image", "Inode", "XattrEntry", "WorkBudget", "ImageFormatError", "Header",
+           "read_header", "read_superblock", "xattr_key", "HEADER_AREA_SIZE", "S_IFMT", "S_IFDIR",
            "S_IFREG", "S_IFLNK", "S_IFCHR", "S_IFBLK"]
 
 S_IFMT = 0o170000
@@ -74,24 +76,26 @@ PATH_MAX = 4096
 MIN_IMAGE_SIZE = EROFS_BLKSIZ
 
 
-class Inode:
+class Inode(NamedTuple):
     """One decoded inode. ``mtime`` is signed (compact inodes take the superblock's build time).
 
-    ``xattr_offset``/``xattr_size`` locate the xattr body (size 0 when there is none);
-    ``tail_offset`` is where inline (tail-packed) data starts, right after the xattr body."""
-
-    __slots__ = ("nid", "offset", "extended", "layout", "mode", "nlink", "size", "i_u", "ino",
-                 "uid", "gid", "mtime", "mtime_nsec", "xattr_icount", "xattr_offset",
-                 "xattr_size", "tail_offset")
+    ``xattr_offset``/``xattr_size`` locate the xattr body (size 0 when there is none); the
+    inline (tail-packed) data starts right after it, at ``tail_offset``. A tuple, so that hot
+    loops unpack it in one step."""
 
     nid: int
+    #: byte offset of the inode in the image
     offset: int
+    #: 64-byte extended inode (else 32-byte compact)
     extended: bool
+    #: EROFS_INODE_* data layout (bits 1-3 of i_format)
     layout: int
     mode: int
     nlink: int
     size: int
+    #: raw_blkaddr, rdev or chunk format, by file type and layout
     i_u: int
+    #: the stored inode number (mkcomposefs: breadth-first index)
     ino: int
     uid: int
     gid: int
@@ -100,7 +104,10 @@ class Inode:
     xattr_icount: int
     xattr_offset: int
     xattr_size: int
-    tail_offset: int
+
+    @property
+    def tail_offset(self) -> int:
+        return self.xattr_offset + self.xattr_size
 
     @property
     def file_type(self) -> int:
@@ -119,6 +126,20 @@ class Inode:
     def __repr__(self) -> str:
         return (f"Inode(nid={self.nid}, mode={self.mode:o}, size={self.size}, "
                 f"layout={self.layout}, xattr_size={self.xattr_size})")
+
+
+_new_inode = tuple.__new__
+#: :class:`Inode`'s fields as a plain tuple (see ``Image.inode_decoder``)
+InodeFields = tuple[int, int, bool, int, int, int, int, int, int, int, int, int, int, int, int, int]
+
+
+def xattr_key(name_index: int, suffix: bytes, offset: int) -> bytes:
+    """The full xattr name: the prefix ``name_index`` stands for, then ``suffix``. An unknown
+    index raises :class:`ImageFormatError` at ``offset``."""
+    prefix = XATTR_INDEX_PREFIX.get(name_index)
+    if prefix is None:
+        raise ImageFormatError(offset, f"unknown xattr name index {name_index}")
+    return prefix + suffix
 
 
 class XattrEntry:
@@ -140,10 +161,7 @@ class XattrEntry:
     @property
     def key(self) -> bytes:
         """The full key (prefix + suffix); raises ImageFormatError for an unknown prefix index."""
-        prefix = XATTR_INDEX_PREFIX.get(self.name_index)
-        if prefix is None:
-            raise ImageFormatError(self.value_end, f"unknown xattr name index {self.name_index}")
-        return prefix + self.suffix
+        return xattr_key(self.name_index, self.suffix, self.value_end)
 
     def __repr__(self) -> str:
         return f"XattrEntry({self.name_index}, {self.suffix!r}, {self.value!r})"
@@ -177,12 +195,57 @@ class WorkBudget:
                                            "(inodes overlap)")
 
 
+#: unpackers of 0..255 shared xattr ids
+_ID_STRUCTS = [struct.Struct(f"<{n}I") for n in range(256)]
+_unpack_compact = INODE_COMPACT.unpack_from
+_unpack_extended = INODE_EXTENDED.unpack_from
+_unpack_xattr_entry = XATTR_ENTRY.unpack_from
+
 #: struct unpackers of n-dirent tables, by n (at most 4096 / 12 of them)
 _DIRENT_TABLES: dict[int, struct.Struct] = {}
 
 
 def _signed64(value: int) -> int:
     return value - _WRAP64 if value >= _SIGN64 else value
+
+
+class Header(NamedTuple):
+    """What the 32-byte composefs header says (magic and header version already checked)."""
+
+    #: LCFS_EROFS_FLAGS_* (bit 0: some inode has a POSIX ACL)
+    flags: int
+    #: the composefs format version (0 or 1 as mkcomposefs writes it; unsigned here)
+    composefs_version: int
+
+
+#: the bytes an image starts with: composefs header, padding, EROFS superblock
+HEADER_AREA_SIZE = EROFS_SUPER_OFFSET + SUPER_BLOCK.size
+
+
+def read_header(data: bytes | bytearray | memoryview | mmap.mmap) -> Header:
+    """The composefs header at the start of ``data``: the one check every tool makes (present,
+    composefs magic, header version 1), raising :class:`ImageFormatError` otherwise."""
+    if len(data) < COMPOSEFS_HEADER.size:
+        raise ImageFormatError(len(data), f"not a composefs image (only {len(data)} bytes, "
+                                          "too short for its header)")
+    magic, version, flags, cfs_version, _ = COMPOSEFS_HEADER.unpack_from(data, 0)
+    if magic != LCFS_EROFS_MAGIC:
+        raise ImageFormatError(0, f"not a composefs image (magic {magic:#010x})")
+    if version != LCFS_EROFS_VERSION:
+        raise ImageFormatError(4, f"unsupported composefs header version {version}")
+    return Header(flags, cfs_version)
+
+
+def read_superblock(data: bytes | bytearray | memoryview | mmap.mmap) -> tuple:
+    """The EROFS superblock fields (``SUPER_BLOCK`` order), after checking that it is present
+    and carries the EROFS magic."""
+    if len(data) < HEADER_AREA_SIZE:
+        raise ImageFormatError(len(data), f"not a composefs image (only {len(data)} bytes, "
+                                          "too short for its superblock)")
+    fields = SUPER_BLOCK.unpack_from(data, EROFS_SUPER_OFFSET)
+    if fields[0] != EROFS_SUPER_MAGIC_V1:
+        raise ImageFormatError(EROFS_SUPER_OFFSET, f"bad EROFS superblock magic {fields[0]:#010x}")
+    return fields
 
 
 class Image:
@@ -202,20 +265,12 @@ class Image:
         if size < MIN_IMAGE_SIZE:
             raise ImageFormatError(size, f"image too small ({size} bytes, at least "
                                          f"{MIN_IMAGE_SIZE} needed)")
-        magic, version, flags, cfs_version, _ = COMPOSEFS_HEADER.unpack_from(data, 0)
-        if magic != LCFS_EROFS_MAGIC:
-            raise ImageFormatError(0, f"not a composefs image (magic {magic:#010x})")
-        if version != LCFS_EROFS_VERSION:
-            raise ImageFormatError(4, f"unsupported composefs header version {version}")
-        self.flags = flags
-        self.version = cfs_version
-        sb = SUPER_BLOCK.unpack_from(data, EROFS_SUPER_OFFSET)
-        (sb_magic, _csum, self.feature_compat, self.blkszbits, _extslots, self.root_nid,
+        header = read_header(data)
+        self.flags = header.flags
+        self.version = header.composefs_version
+        (_sb_magic, _csum, self.feature_compat, self.blkszbits, _extslots, self.root_nid,
          self.inos, build_time, self.build_time_nsec, self.blocks, meta_blkaddr, xattr_blkaddr,
-         _uuid, _name, self.feature_incompat) = sb[:15]
-        if sb_magic != EROFS_SUPER_MAGIC_V1:
-            raise ImageFormatError(EROFS_SUPER_OFFSET,
-                                   f"bad EROFS superblock magic {sb_magic:#010x}")
+         _uuid, _name, self.feature_incompat) = read_superblock(data)[:15]
         self.build_time = _signed64(build_time)
         # libcomposefs assumes 4096-byte blocks whatever blkszbits says; so do we.
         self.meta_base = meta_blkaddr << EROFS_BLKSIZ_BITS
@@ -242,83 +297,112 @@ class Image:
 
     def inode(self, nid: int) -> Inode:
         """Decode the inode ``nid``; its header and xattr body must lie inside the image."""
+        return _new_inode(Inode, self.inode_fields(nid))
+
+    def inode_fields(self, nid: int) -> InodeFields:
+        """:meth:`inode` as a plain tuple, in the order of :class:`Inode`'s fields."""
+        return self.inode_decoder()(nid)
+
+    def inode_decoder(self) -> Callable[[int], InodeFields]:
+        """A function ``nid -> InodeFields``: :meth:`inode_fields` for hot loops, with the
+        image's constants bound once (a plain tuple unpacks several times faster than a named
+        one, and closure variables load faster than attributes)."""
         data = self.data
         size = self.size
-        offset = self.meta_base + nid * 32
-        if nid < 0 or offset + _COMPACT_SIZE > size:
-            raise ImageFormatError(offset, f"inode nid {nid} is beyond the image end")
-        ino = Inode()
-        ino.nid = nid
-        ino.offset = offset
-        i_format = data[offset] | (data[offset + 1] << 8)
-        ino.layout = (i_format >> 1) & 7
-        if i_format & 1:
-            if offset + _EXTENDED_SIZE > size:
-                raise ImageFormatError(offset, f"extended inode nid {nid} is cut off by the "
-                                               "image end")
-            (_f, icount, mode, _r, isize, i_u, ino.ino, ino.uid, ino.gid, mtime, ino.mtime_nsec,
-             ino.nlink, _r2) = INODE_EXTENDED.unpack_from(data, offset)
-            ino.extended = True
-            ino.mtime = mtime - _WRAP64 if mtime >= _SIGN64 else mtime
-            header = _EXTENDED_SIZE
-        else:
-            (_f, icount, mode, ino.nlink, isize, _r, i_u, ino.ino, ino.uid, ino.gid,
-             _r2) = INODE_COMPACT.unpack_from(data, offset)
-            ino.extended = False
-            ino.mtime = self.build_time
-            ino.mtime_nsec = self.build_time_nsec
-            header = _COMPACT_SIZE
-        ino.mode = mode
-        ino.size = isize
-        ino.i_u = i_u
-        ino.xattr_icount = icount
-        xoff = offset + header
-        xsize = 0 if icount == 0 else _IBODY_HEADER_SIZE + (icount - 1) * 4
-        if xoff + xsize > size:
-            raise ImageFormatError(offset + 2, f"xattr body of inode nid {nid} ({xsize} bytes) "
-                                               "runs past the image end")
-        ino.xattr_offset = xoff
-        ino.xattr_size = xsize
-        ino.tail_offset = xoff + xsize
-        return ino
+        meta_base = self.meta_base
+        build_time = self.build_time
+        build_time_nsec = self.build_time_nsec
+        unpack_compact = _unpack_compact
+        unpack_extended = _unpack_extended
+
+        def decode(nid: int) -> InodeFields:
+            offset = meta_base + nid * 32
+            if nid < 0 or offset + _COMPACT_SIZE > size:
+                raise ImageFormatError(offset, f"inode nid {nid} is beyond the image end")
+            if data[offset] & 1:
+                if offset + _EXTENDED_SIZE > size:
+                    raise ImageFormatError(offset, f"extended inode nid {nid} is cut off by the "
+                                                   "image end")
+                (i_format, icount, mode, _r, isize, i_u, ino, uid, gid, mtime, mtime_nsec,
+                 nlink, _r2) = unpack_extended(data, offset)
+                if mtime >= _SIGN64:
+                    mtime -= _WRAP64
+                xoff = offset + _EXTENDED_SIZE
+                xsize = 4 * icount + 8 if icount else 0
+                if xoff + xsize > size:
+                    raise ImageFormatError(offset + 2, f"xattr body of inode nid {nid} "
+                                                       f"({xsize} bytes) runs past the image end")
+                return (nid, offset, True, (i_format >> 1) & 7, mode, nlink, isize, i_u, ino,
+                        uid, gid, mtime, mtime_nsec, icount, xoff, xsize)
+            (i_format, icount, mode, nlink, isize, _r, i_u, ino, uid, gid,
+             _r2) = unpack_compact(data, offset)
+            xoff = offset + _COMPACT_SIZE
+            xsize = 4 * icount + 8 if icount else 0
+            if xoff + xsize > size:
+                raise ImageFormatError(offset + 2, f"xattr body of inode nid {nid} ({xsize} "
+                                                   "bytes) runs past the image end")
+            return (nid, offset, False, (i_format >> 1) & 7, mode, nlink, isize, i_u, ino, uid,
+                    gid, build_time, build_time_nsec, icount, xoff, xsize)
+
+        return decode
 
     # --- xattrs ------------------------------------------------------------------------------
 
-    def xattrs(self, ino: Inode) -> list[XattrEntry]:
-        """The inode's xattrs in the order libcomposefs's reader applies them: the inline entries
-        in stored order, then the shared ones in the order of their ids."""
-        if not ino.xattr_size:
-            return []
+    def xattr_body(self, ino: Inode
+                   ) -> tuple[Sequence[tuple[int, bytes, int, int]], tuple[int, ...]]:
+        """The inode's xattr body, undecoded values: the inline entries in stored order as
+        ``(name_index, suffix, value_start, value_end)`` (image offsets of the value), and the
+        ids of the shared ones (see :meth:`shared_xattr`) in stored order.
+
+        Each entry is checked to lie inside the body, as libcomposefs reads it: it stops when
+        fewer than 5 bytes are left (``pos + 4 < end``)."""
+        return self.xattr_body_at(ino.xattr_offset, ino.xattr_size)
+
+    def xattr_body_at(self, start: int, xattr_size: int
+                      ) -> tuple[Sequence[tuple[int, bytes, int, int]], tuple[int, ...]]:
+        """:meth:`xattr_body` of the ``xattr_size``-byte body at ``start`` (an inode's
+        ``xattr_offset`` and ``xattr_size``)."""
+        if not xattr_size:
+            return (), ()
+        end = start + xattr_size
+        if start < 0 or end > self.size:
+            raise ImageFormatError(start, f"xattr body of {xattr_size} bytes runs past the "
+                                          "image end")
         data = self.data
-        start = ino.xattr_offset
-        end = start + ino.xattr_size
         shared_count = data[start + 4]
         pos = start + _IBODY_HEADER_SIZE + 4 * shared_count
         if pos > end:
             raise ImageFormatError(start + 4, f"{shared_count} shared xattr ids do not fit in "
-                                              f"a {ino.xattr_size}-byte xattr body")
-        result: list[XattrEntry] = []
-        append = result.append
-        unpack_entry = XATTR_ENTRY.unpack_from
-        # libcomposefs stops when fewer than 5 bytes are left (``pos + 4 < end``)
+                                              f"a {xattr_size}-byte xattr body")
+        ids = (_ID_STRUCTS[shared_count].unpack_from(data, start + _IBODY_HEADER_SIZE)
+               if shared_count else ())
+        if pos + _XATTR_ENTRY_SIZE >= end:
+            return (), ids
+        inline: list[tuple[int, bytes, int, int]] = []
+        append = inline.append
+        unpack_entry = _unpack_xattr_entry
         while pos + _XATTR_ENTRY_SIZE < end:
             name_len, name_index, value_size = unpack_entry(data, pos)
-            name_start = pos + _XATTR_ENTRY_SIZE
-            value_start = name_start + name_len
+            value_start = pos + _XATTR_ENTRY_SIZE + name_len
             value_end = value_start + value_size
             if value_end > end:
                 raise ImageFormatError(pos, f"xattr entry ({name_len}-byte name, {value_size}-byte "
                                             "value) runs past the end of the xattr body")
-            append(XattrEntry(name_index, bytes(data[name_start:value_start]),
-                              bytes(data[value_start:value_end]), value_end, False))
-            pos += (_XATTR_ENTRY_SIZE + name_len + value_size + 3) & ~3
-        if shared_count:
-            ids = struct.unpack_from(f"<{shared_count}I", data, start + _IBODY_HEADER_SIZE)
-            for xid in ids:
-                entry = self._shared.get(xid)
-                if entry is None:
-                    entry = self.shared_xattr(xid)
-                append(entry)
+            append((name_index, data[pos + _XATTR_ENTRY_SIZE:value_start], value_start,
+                    value_end))
+            pos = (value_end + 3) & ~3
+        return inline, ids
+
+    def xattrs(self, ino: Inode) -> list[XattrEntry]:
+        """The inode's xattrs in the order libcomposefs's reader applies them: the inline entries
+        in stored order, then the shared ones in the order of their ids."""
+        inline, shared_ids = self.xattr_body(ino)
+        data = self.data
+        result = [XattrEntry(index, bytes(suffix), bytes(data[start:end]), end, False)
+                  for index, suffix, start, end in inline]
+        shared = self._shared
+        for xid in shared_ids:
+            result.append(shared.get(xid) or self.shared_xattr(xid))
         return result
 
     def shared_xattr(self, xid: int) -> XattrEntry:

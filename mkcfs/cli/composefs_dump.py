@@ -42,7 +42,8 @@ def _main(argv: list[str]) -> int:
         raise common.ExitStatus(1)
     dst = argv[1]
 
-    from erofs.format import LCFS_EROFS_MAGIC, LCFS_EROFS_VERSION
+    from erofs.errors import ImageFormatError
+    from erofs.reader import read_header
 
     from mkcfs.build.image import build_image
 
@@ -52,10 +53,10 @@ def _main(argv: list[str]) -> int:
     except OSError as exc:
         common.fail(f"Failed to open '{src}'", exc.errno or errno.EIO)
     # lcfs_version_from_fd: the 32-byte header must carry the composefs magic and version 1
-    if (len(data) < 32 or int.from_bytes(data[0:4], "little") != LCFS_EROFS_MAGIC
-            or int.from_bytes(data[4:8], "little") != LCFS_EROFS_VERSION):
+    try:
+        version = read_header(data).composefs_version
+    except ImageFormatError:
         common.fail(f"Failed to get image version '{src}'", errno.EINVAL)
-    version = int.from_bytes(data[12:16], "little")
     if version >= 1 << 31:          # a negative int in the C tool
         common.fail(f"Failed to get image version '{src}'", errno.EINVAL)
     root = common.load_image_tree(src, data, hardlinks="writer")

@@ -19,7 +19,7 @@ result is what ``composefs-info dump`` prints and writing it again gives the sam
 With ``hardlinks="writer"`` the node of a hard-linked inode is put where mkcomposefs had it
 instead, so that writing the tree again reproduces the image (``composefs-dump``).
 
-Quirks of the C reader that change what is printed are copied on purpose (see ``_payload``).
+Quirks of the C reader that change what is printed are copied on purpose (see ``_redirect_payload``).
 Malformed images raise :class:`~erofs.errors.ImageFormatError`; the walk visits every inode once
 and its total work is bounded by :class:`~erofs.reader.WorkBudget`, so hostile images (directory
 cycles, shared blocks, huge counts) cannot make it loop or allocate beyond the image size.
@@ -27,18 +27,16 @@ cycles, shared blocks, huge counts) cannot make it loop or allocate beyond the i
 
 from __future__ import annotations
 
+import mmap
 import os
-import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from erofs.errors import ImageFormatError
-from erofs.format import (EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE,
-                          EROFS_INODE_FLAT_PLAIN, XATTR_INDEX_PREFIX)
-from erofs.format import INODE_COMPACT, INODE_EXTENDED, XATTR_ENTRY
-from erofs.reader import INLINE_CONTENT_MAX, PATH_MAX, Image, WorkBudget
+from erofs.format import EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
+from erofs.reader import INLINE_CONTENT_MAX, PATH_MAX, Image, WorkBudget, xattr_key
 
 from mkcfs.build import overlay
-from mkcfs.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, HardLink, Node
+from mkcfs.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, HardLink, Node
 
 __all__ = ["load_tree", "load_tree_from_file", "ImageFormatError"]
 
@@ -57,9 +55,6 @@ _XATTR_NAME_MAX = 255    # XATTR_NAME_MAX
 _XATTR_SIZE_LIMIT = 65535  # per-node accounted xattr size when reading an image (UINT16_MAX)
 _METACOPY_SIZE = 4 + 32
 _IFMT = S_IFMT
-_UNPACK_COMPACT = INODE_COMPACT.unpack_from
-_UNPACK_EXTENDED = INODE_EXTENDED.unpack_from
-_UNPACK_XATTR = XATTR_ENTRY.unpack_from
 
 
 _A_SET, _A_REDIRECT, _A_METACOPY, _A_WHITEOUT, _A_DROP, _A_BAD = range(6)
@@ -70,10 +65,7 @@ def _xattr_action(name_index: int, suffix: bytes, offset: int) -> tuple[int, byt
 
     Mirrors ``lcfs_build_node_erofs_xattr``: the full name is prefix + suffix, cut at the first
     NUL (it is a C string there)."""
-    prefix = XATTR_INDEX_PREFIX.get(name_index)
-    if prefix is None:
-        raise ImageFormatError(offset, f"unknown xattr name index {name_index}")
-    name = prefix + suffix
+    name = xattr_key(name_index, suffix, offset)
     nul = name.find(b"\0")
     if nul >= 0:
         name = name[:nul]
@@ -98,7 +90,7 @@ def _xattr_action(name_index: int, suffix: bytes, offset: int) -> tuple[int, byt
 class _Walk:
     """State of one image -> tree walk: the image, the work budget, nid -> Node, and caches."""
 
-    __slots__ = ("image", "budget", "nodes", "actions", "shared")
+    __slots__ = ("image", "budget", "nodes", "actions", "shared", "shared_sets")
 
     def __init__(self, image: Image) -> None:
         self.image = image
@@ -109,6 +101,11 @@ class _Walk:
         self.actions: list[dict[bytes, tuple[int, bytes]]] = [{} for _ in range(256)]
         #: shared xattr id -> (action, key, value, value_end)
         self.shared: dict[int, tuple[int, bytes, bytes, int]] = {}
+        #: shared xattr ids of a body -> their mapped entries, and the xattrs they set when
+        #: they only set xattrs (None otherwise: they depend on the file type)
+        self.shared_sets: dict[tuple[int, ...],
+                               tuple[list[tuple[int, bytes, bytes, int]],
+                                     dict[bytes, bytes] | None]] = {}
 
 
 def load_tree(image: Image | bytes | bytearray | memoryview,
@@ -150,6 +147,7 @@ def load_tree(image: Image | bytes | bytearray | memoryview,
     while stack:
         parent, entries, keep = stack[-1]
         children = parent.children
+        assert children is not None     # only directories are pushed
         for name, nid in entries:
             if name == b"." or name == b".." or (keep is not None and name not in keep):
                 continue
@@ -164,7 +162,7 @@ def load_tree(image: Image | bytes | bytearray | memoryview,
                 if writer_mode:
                     linked.add(nid)
                 continue
-            node, dirinfo = build(nid)
+            node, dir_extents = build(nid)
             if node is None:            # real whiteout (00..ff): not shown
                 continue
             if name and len(name) <= _NAME_MAX and name not in children:
@@ -173,8 +171,8 @@ def load_tree(image: Image | bytes | bytearray | memoryview,
                 _add_child(children, name, None, nid, image)
             if writer_mode:
                 first_place[nid] = (parent, name)
-            if dirinfo is not None:
-                stack.append((node, iter(_dir_entries(walk, dirinfo)), None))
+            if dir_extents is not None:
+                stack.append((node, iter(_dir_entries(walk, dir_extents)), None))
                 break
         else:
             stack.pop()
@@ -248,8 +246,11 @@ def _move_to_writer_places(walk: _Walk, linked: set[int],
         entry = parent.children.get(name)
         if not isinstance(entry, HardLink) or entry.target is not node:
             continue
+        old_children = old_parent.children
+        if node is None or old_children is None:
+            continue
         parent.children[name] = node
-        old_parent.children[old_name] = entry  # type: ignore[index]
+        old_children[old_name] = entry
 
 
 def _is_whiteout(node: Node | None) -> bool:
@@ -322,15 +323,18 @@ def _add_child(children: dict, name: bytes, child: Node | HardLink | None, nid: 
     children[name] = child
 
 
-def _dir_entries(walk: _Walk, dirinfo: tuple[int, int, int, int, int, int]
-                 ) -> list[tuple[bytes, int]]:
+#: where a directory's entries are: the arguments of ``Image.extents_of``
+_Extents = tuple[int, int, int, int, int, int]
+
+
+def _dir_entries(walk: _Walk, where: _Extents) -> list[tuple[bytes, int]]:
     """``(name, nid)`` of a directory's entries (``.`` and ``..`` included; the caller skips
     them), names cut at the first NUL like C strings. A name is at most a block long, so the
     C reader's ``PATH_MAX - 1`` cut never applies."""
     image = walk.image
     budget = walk.budget
     result: list[tuple[bytes, int]] = []
-    for offset, length in image.extents_of(*dirinfo):
+    for offset, length in image.extents_of(*where):
         budget.bytes(length, offset)
         names, nids, _types = image.dirent_columns(offset, length)
         budget.dirents(len(names), offset)
@@ -341,102 +345,99 @@ def _dir_entries(walk: _Walk, dirinfo: tuple[int, int, int, int, int, int]
     return result
 
 
-_SIGN64 = 1 << 63
-_WRAP64 = 1 << 64
-_S_IFBLK = 0o060000
+#: one xattr as the node builder applies it: (action, key, value, value_end); the value of a
+#: redirect is already the payload, that of a metacopy the digest.
+_Xattr = tuple[int, bytes, bytes, int]
 
 
-def _make_builder(walk: _Walk):
-    """``build(nid) -> (node, dirinfo)``: the node of inode ``nid`` (without its children).
+def _make_builder(walk: _Walk) -> Callable[[int], tuple[Node | None, _Extents | None]]:
+    """``build(nid) -> (node, dir_extents)``: the node of inode ``nid`` (without its children).
 
-    ``node`` is None for a whiteout (character device 0/0); ``dirinfo`` is the argument tuple of
-    ``Image.extents_of`` for a directory, else None. This is the per-inode hot path, so the
-    inode, its xattr body and the xattr mapping are decoded inline with every offset checked."""
+    ``node`` is None for a whiteout (character device 0/0); ``dir_extents`` is, for a
+    directory, the argument tuple of ``Image.extents_of`` that locates its entries, else None.
+    The reader decodes (with every offset checked); this only maps what it gives onto a node,
+    as ``lcfs_build_node_from_image`` does."""
     image = walk.image
     data = image.data
-    size = image.size
-    meta_base = image.meta_base
-    build_time = image.build_time
-    build_time_nsec = image.build_time_nsec
     nodes = walk.nodes
     actions = walk.actions
     shared = walk.shared
+    shared_sets = walk.shared_sets
     budget = walk.budget
+    inode_fields = image.inode_decoder()
     extents_of = image.extents_of
-    unpack_compact = _UNPACK_COMPACT
-    unpack_extended = _UNPACK_EXTENDED
-    unpack_xattr = _UNPACK_XATTR
+    xattr_body_at = image.xattr_body_at
     xattr_action = _xattr_action
     A_SET, A_REDIRECT, A_METACOPY, A_DROP = _A_SET, _A_REDIRECT, _A_METACOPY, _A_DROP
-    id_structs = _ID_STRUCTS
-    IFMT, IFREG, IFDIR, IFLNK, IFCHR, IFBLK = _IFMT, S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, _S_IFBLK
+    IFMT, IFREG, IFDIR, IFLNK, IFCHR, IFBLK = _IFMT, S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK
     FLAT_PLAIN, FLAT_INLINE = EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE
-    limit = _XATTR_SIZE_LIMIT
     metacopy_size = _METACOPY_SIZE
+    redirect_payload = _redirect_payload
+    set_xattr = _set_xattr
 
-    def shared_entry(xid: int) -> tuple[int, bytes, bytes | None, int]:
-        """A shared xattr, decoded once: redirect and metacopy carry their final payload and
-        digest (metacopy values that are not 36 bytes long do nothing)."""
+    def shared_entry(xid: int) -> _Xattr:
+        """A shared xattr, mapped once."""
         e = image.shared_xattr(xid)
         act = actions[e.name_index].get(e.suffix)
         if act is None:
             act = actions[e.name_index][e.suffix] = xattr_action(e.name_index, e.suffix,
                                                                  e.value_end)
         action, key = act
-        value: bytes | None = e.value
+        value = e.value
         if action == A_REDIRECT:
-            value = _payload(image, e.value, e.value_end)
+            value = redirect_payload(data, e.value_end - len(value), e.value_end)
         elif action == A_METACOPY:
-            if len(e.value) != metacopy_size:
+            if len(value) != metacopy_size:
                 action = A_DROP
-            value = e.value[4:]
+            value = value[4:]
         entry = shared[xid] = (action, key, value, e.value_end)
         return entry
 
-    def build(nid: int):
-        offset = meta_base + nid * 32
-        if offset + 32 > size:
-            raise ImageFormatError(offset, f"inode nid {nid} is beyond the image end")
-        if data[offset] & 1:
-            if offset + 64 > size:
-                raise ImageFormatError(offset, f"extended inode nid {nid} is cut off by the "
-                                               "image end")
-            (i_format, icount, mode, _r, fsize, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink,
-             _r2) = unpack_extended(data, offset)
-            if mtime >= _SIGN64:
-                mtime -= _WRAP64
-            xoff = offset + 64
-        else:
-            (i_format, icount, mode, nlink, fsize, _r, i_u, _ino, uid, gid,
-             _r2) = unpack_compact(data, offset)
-            mtime = build_time
-            mtime_nsec = build_time_nsec
-            xoff = offset + 32
-        tail_offset = xoff + 4 * icount + 8 if icount else xoff
-        payload = content = digest = dirinfo = None
+    def shared_set(ids: tuple[int, ...]) -> tuple[list[_Xattr], dict[bytes, bytes] | None]:
+        """The mapped entries of a body's shared ids and, when all they do is set xattrs, the
+        xattrs they set (checked once here: many inodes share one set, e.g. an SELinux
+        label)."""
+        entries = [shared.get(xid) or shared_entry(xid) for xid in ids]
+        only_set: dict[bytes, bytes] | None = {}
+        used = 0
+        for action, key, value, value_end in entries:
+            if action == A_SET:
+                used = set_xattr(only_set, key, value, used, value_end)  # type: ignore[arg-type]
+            elif action != A_DROP:
+                only_set = None
+                break
+        result = shared_sets[ids] = (entries, only_set)
+        return result
+
+    def build(nid: int) -> tuple[Node | None, _Extents | None]:
+        (_nid, offset, _extended, layout, mode, nlink, fsize, i_u, _ino, uid, gid, mtime,
+         mtime_nsec, _icount, xoff, xsize) = inode_fields(nid)
+        payload: bytes | None = None
+        content: bytes | None = None
+        digest: bytes | None = None
+        dir_extents = None
         ftype = mode & IFMT
         rdev = 0
         if ftype == IFREG:
             if fsize:
-                layout = (i_format >> 1) & 7
                 if layout == FLAT_PLAIN or layout == FLAT_INLINE:
                     if fsize > INLINE_CONTENT_MAX:
                         raise ImageFormatError(offset + 8, f"inline file of {fsize} bytes "
                                                            f"(at most {INLINE_CONTENT_MAX})")
                     budget.bytes(fsize, offset)
                     content = b"".join([data[o:o + n] for o, n in extents_of(
-                        nid, offset, layout, fsize, i_u, tail_offset)])
+                        nid, offset, layout, fsize, i_u, xoff + xsize)])
                 elif layout != EROFS_INODE_CHUNK_BASED:
                     raise ImageFormatError(offset, "regular file with unsupported data layout "
                                                    f"{layout}")
         elif ftype == IFDIR:
-            dirinfo = (nid, offset, (i_format >> 1) & 7, fsize, i_u, tail_offset)
+            dir_extents = (nid, offset, layout, fsize, i_u, xoff + xsize)
         elif ftype == IFLNK:
             if fsize >= PATH_MAX:
                 raise ImageFormatError(offset + 8, f"symlink target of {fsize} bytes")
             budget.bytes(fsize, offset)
             target = b"".join([data[o:o + n] for o, n in extents_of(
-                nid, offset, (i_format >> 1) & 7, fsize, i_u, tail_offset)])
+                nid, offset, layout, fsize, i_u, xoff + xsize)])
             nul = target.find(b"\0")
             if nul >= 0:
                 target = target[:nul]
@@ -451,161 +452,102 @@ def _make_builder(walk: _Walk):
             rdev = i_u
         elif ftype == IFBLK:
             rdev = i_u
-        if tail_offset > size:
-            raise ImageFormatError(offset + 2, f"xattr body of inode nid {nid} runs past the "
-                                               "image end")
         xattrs: dict[bytes, bytes] = {}
-        if icount:
-            budget.bytes_left -= tail_offset - xoff
+        if xsize:
+            budget.bytes_left -= xsize
             if budget.bytes_left < 0:
                 budget.bytes(0, xoff)
-            shared_count = data[xoff + 4]
-            pos = xoff + 12 + 4 * shared_count
-            if pos > tail_offset:
-                raise ImageFormatError(xoff + 4, f"{shared_count} shared xattr ids do not fit "
-                                                 "in the xattr body")
+            inline, shared_ids = xattr_body_at(xoff, xsize)
+            # inline entries in stored order, then the shared ones (libcomposefs's order)
+            entries, only_set = shared_sets.get(shared_ids) or shared_set(shared_ids)
+            if inline:
+                shared_entries = entries
+                entries = []
+                add = entries.append
+                for name_index, suffix, value_start, value_end in inline:
+                    act = actions[name_index].get(suffix)
+                    if act is None:
+                        act = actions[name_index][suffix] = xattr_action(name_index, suffix,
+                                                                         value_end)
+                    action = act[0]
+                    if action == A_SET:
+                        add((A_SET, act[1], data[value_start:value_end], value_end))
+                    elif action == A_REDIRECT:
+                        add((A_REDIRECT, act[1], redirect_payload(data, value_start, value_end),
+                             value_end))
+                    elif action == A_METACOPY:
+                        if value_end - value_start == metacopy_size:
+                            add((A_METACOPY, act[1], data[value_start + 4:value_end],
+                                 value_end))
+                    elif action != A_DROP:
+                        add((action, act[1], data[value_start:value_end], value_end))
+                entries += shared_entries
+            elif only_set is not None:
+                entries = []
+                xattrs = only_set.copy()
             used = 0
-            # libcomposefs stops when fewer than 5 bytes are left (``pos + 4 < end``)
-            while pos + 4 < tail_offset:
-                name_len, name_index, value_size = unpack_xattr(data, pos)
-                value_start = pos + 4 + name_len
-                value_end = value_start + value_size
-                if value_end > tail_offset:
-                    raise ImageFormatError(pos, f"xattr entry ({name_len}-byte name, "
-                                                f"{value_size}-byte value) runs past the end "
-                                                "of the xattr body")
-                suffix = data[pos + 4:value_start]
-                act = actions[name_index].get(suffix)
-                if act is None:
-                    act = actions[name_index][suffix] = xattr_action(name_index, suffix, pos)
-                pos += (7 + name_len + value_size) & ~3
-                action = act[0]
-                if action == A_REDIRECT:
-                    if ftype == IFREG:
-                        if value_size > 1 and data[value_start] == 0x2F:
-                            # libcomposefs's off-by-two: see _payload()
-                            raw = data[value_start + 1:value_end + 2]
-                        else:
-                            raw = data[value_start:value_end]
-                        nul = raw.find(b"\0")
-                        payload = raw if nul < 0 else raw[:nul]
-                    continue
-                if action == A_METACOPY:
-                    if ftype == IFREG and value_size == metacopy_size:
-                        digest = data[value_start + 4:value_end]
-                    continue
+            for action, key, value, value_end in entries:
                 if action == A_SET:
-                    key = act[1]
-                    value = data[value_start:value_end]
-                    if key in xattrs:
-                        used = _unset(xattrs, key, used)
-                    used += 7 + len(key) + value_size + (0 if xattrs else 12)
-                    if used > limit:
-                        raise ImageFormatError(value_end, "xattrs of one inode exceed 65535 bytes")
-                    xattrs[key] = value
-                    continue
-                if action == A_DROP:
-                    continue
-                state = [mode, ftype, rdev, fsize, content, payload, digest, used]
-                _apply_rare(image, xattrs, state, action, act[1], data[value_start:value_end],
-                            value_end)
-                mode, ftype, rdev, fsize, content, payload, digest, used = state
-            if shared_count:
-                for xid in id_structs[shared_count].unpack_from(data, xoff + 12):
-                    action, key, value, value_end = shared.get(xid) or shared_entry(xid)
-                    if action == A_DROP:
-                        continue
-                    if action == A_METACOPY:    # value: the digest
-                        if ftype == IFREG:
-                            digest = value
-                        continue
-                    if action == A_REDIRECT:    # value: the payload
-                        if ftype == IFREG:
-                            payload = value
-                        continue
-                    if action == A_SET and key not in xattrs:
-                        used += 7 + len(key) + len(value) + (0 if xattrs else 12)
-                        if used > limit:
-                            raise ImageFormatError(value_end, "xattrs of one inode exceed 65535 "
-                                                              "bytes")
-                        xattrs[key] = value
-                        continue
-                    state = [mode, ftype, rdev, fsize, content, payload, digest, used]
-                    _apply_rare(image, xattrs, state, action, key, value, value_end)
-                    mode, ftype, rdev, fsize, content, payload, digest, used = state
+                    used = set_xattr(xattrs, key, value, used, value_end)
+                elif action == A_REDIRECT:
+                    if ftype == IFREG:
+                        payload = value
+                elif action == A_METACOPY:
+                    if ftype == IFREG:
+                        digest = value
+                elif action == _A_WHITEOUT:
+                    if ftype == IFREG:
+                        # a whiteout stored as a regular file: a character device 0/0 again
+                        mode = (mode & ~IFMT) | IFCHR
+                        ftype = IFCHR
+                        rdev = fsize = 0
+                        if content is not None:
+                            content = b""   # C keeps the buffer but prints 0 bytes of it
+                    else:
+                        used = set_xattr(xattrs, key, value, used, value_end)
+                elif action == _A_BAD:
+                    raise ImageFormatError(value_end, f"xattr name of {len(key)} bytes")
         node = Node(mode, nlink, uid, gid, rdev, fsize, mtime, mtime_nsec, payload, content,
                     digest, xattrs)
         nodes[nid] = node
-        return node, dirinfo
+        return node, dir_extents
 
     return build
 
 
-#: unpackers of 0..255 shared xattr ids
-_ID_STRUCTS = [struct.Struct(f"<{n}I") for n in range(256)]
-
-
-def _apply_rare(image: Image, xattrs: dict[bytes, bytes], state: list, action: int, key: bytes,
-                value: bytes, value_end: int) -> None:
-    """Apply one xattr (``lcfs_build_node_erofs_xattr``) to a node under construction.
-
-    ``state`` is ``[mode, ftype, rdev, size, content, payload, digest, used]`` and is updated in
-    place (``used`` is libcomposefs's accounted xattr size of the node)."""
-    ftype = state[1]
-    if action == _A_REDIRECT:
-        if ftype == S_IFREG:
-            state[5] = _payload(image, value, value_end)
-        return
-    if action == _A_METACOPY:
-        if ftype == S_IFREG and len(value) == _METACOPY_SIZE:
-            state[6] = value[4:]
-        return
-    if action == _A_WHITEOUT:
-        if ftype == S_IFREG:
-            state[0] = (state[0] & ~_IFMT) | S_IFCHR
-            state[1] = S_IFCHR
-            state[2] = 0
-            state[3] = 0
-            if state[4] is not None:
-                state[4] = b""   # C keeps the buffer but prints 0 bytes of it
-            return
-    elif action != _A_SET:
-        if action == _A_BAD:
-            raise ImageFormatError(value_end, f"xattr name of {len(key)} bytes")
-        return                   # dropped
-    used = state[7]
+def _set_xattr(xattrs: dict[bytes, bytes], key: bytes, value: bytes, used: int,
+               offset: int) -> int:
+    """``lcfs_node_set_xattr`` on a node being read: replace or add ``key`` and return the
+    node's accounted xattr size, which may not exceed 65535 bytes (``offset`` names the value
+    in errors). A replaced key is unset first, the last xattr moving into its place."""
     if key in xattrs:
-        used = _unset(xattrs, key, used)
+        keys = list(xattrs)
+        i = keys.index(key)
+        old = xattrs[key]
+        keys[i] = keys[-1]
+        keys.pop()
+        kept = {k: xattrs[k] for k in keys}
+        xattrs.clear()
+        xattrs.update(kept)
+        used = used - (7 + len(key) + len(old)) if xattrs else 0
     used += 7 + len(key) + len(value) + (0 if xattrs else 12)
     if used > _XATTR_SIZE_LIMIT:
-        raise ImageFormatError(value_end, "xattrs of one inode exceed 65535 bytes")
+        raise ImageFormatError(offset, "xattrs of one inode exceed 65535 bytes")
     xattrs[key] = value
-    state[7] = used
+    return used
 
 
-def _unset(xattrs: dict[bytes, bytes], key: bytes, used: int) -> int:
-    """Remove ``key`` like ``lcfs_node_unset_xattr``: the last xattr moves into its place."""
-    keys = list(xattrs)
-    i = keys.index(key)
-    old = xattrs[key]
-    keys[i] = keys[-1]
-    keys.pop()
-    kept = {k: xattrs[k] for k in keys}
-    xattrs.clear()
-    xattrs.update(kept)
-    return used - (7 + len(key) + len(old)) if xattrs else 0
-
-
-def _payload(image: Image, value: bytes, value_end: int) -> bytes:
-    """The payload libcomposefs 1.0.8 derives from a redirect value.
+def _redirect_payload(data: bytes | mmap.mmap, value_start: int, value_end: int) -> bytes:
+    """The payload libcomposefs 1.0.8 derives from a redirect value stored at
+    ``data[value_start:value_end]``.
 
     It drops the leading ``/`` but then copies ``len(value)`` bytes from after it (an off-by-two:
     ``value_size++`` where ``--`` was meant), so the two bytes after the value in the image are
     included, up to the first NUL. They are zero padding unless the xattr entry ended exactly
     on a 4-byte boundary."""
-    if len(value) > 1 and value[0] == 0x2F:
-        raw = value[1:] + image.data[value_end:value_end + 2]
+    if value_end - value_start > 1 and data[value_start] == 0x2F:
+        raw = data[value_start + 1:value_end + 2]
     else:
-        raw = value
+        raw = data[value_start:value_end]
     nul = raw.find(b"\0")
     return raw if nul < 0 else raw[:nul]

@@ -14,19 +14,13 @@ import functools
 import gzip
 import os
 import stat
-import struct
 import tempfile
 from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 
-from erofs.format import (
-    COMPOSEFS_HEADER,
-    EROFS_SUPER_MAGIC_V1,
-    EROFS_SUPER_OFFSET,
-    LCFS_EROFS_FLAGS_HAS_ACL,
-    LCFS_EROFS_MAGIC,
-    SUPER_BLOCK,
-)
+from erofs.errors import ImageFormatError
+from erofs.format import LCFS_EROFS_FLAGS_HAS_ACL
+from erofs.reader import HEADER_AREA_SIZE, read_header, read_superblock
 from fsverity import FsVerityHasher
 
 from mkcfs.mount.kernel import (
@@ -99,15 +93,14 @@ def _measure_userspace(fd: int) -> bytes:
 
 def _read_image_flags(fd: int, image: str) -> int:
     """The composefs header flags; MountError if this is not a composefs image."""
-    head = os.pread(fd, EROFS_SUPER_OFFSET + SUPER_BLOCK.size, 0)
-    if len(head) < EROFS_SUPER_OFFSET + SUPER_BLOCK.size:
-        raise MountError(errno.EINVAL, f"Failed to mount composefs {image}: "
-                                       "not a composefs image (file too short)")
-    magic, _version, flags = COMPOSEFS_HEADER.unpack_from(head, 0)[:3]
-    sb_magic = struct.unpack_from("<I", head, EROFS_SUPER_OFFSET)[0]
-    if magic != LCFS_EROFS_MAGIC or sb_magic != EROFS_SUPER_MAGIC_V1:
-        raise MountError(errno.EINVAL, f"Failed to mount composefs {image}: "
-                                       "not a composefs image (bad magic)")
+    head = os.pread(fd, HEADER_AREA_SIZE, 0)
+    try:
+        flags = read_header(head).flags
+        read_superblock(head)
+    except ImageFormatError as exc:
+        what = exc.what if exc.what.startswith("not a composefs image") else \
+            f"not a composefs image ({exc.what})"
+        raise MountError(errno.EINVAL, f"Failed to mount composefs {image}: {what}") from None
     return flags
 
 

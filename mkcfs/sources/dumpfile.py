@@ -752,19 +752,63 @@ def write_dumpfile(root: Node, fileobj: BinaryIO) -> None:
             write(b"".join(batch))
 
 
+def _link_targets(root: Node) -> set[int]:
+    """``id()`` of every node a hard link of the tree reaches (links that do not resolve are
+    left to the printer, which names them)."""
+    targets: set[int] = set()
+    stack = [root]
+    while stack:
+        children = stack.pop().children
+        if not children:
+            continue
+        for child in children.values():
+            if isinstance(child, Node):
+                if child.children:
+                    stack.append(child)
+            else:
+                try:
+                    targets.add(id(resolve(child)))
+                except HardLinkLoopError:
+                    pass
+    return targets
+
+
+def _paths_of(root: Node, wanted: set[int]) -> dict[int, bytes]:
+    """``id(node) -> path`` for the nodes in ``wanted`` (the root's path is empty, as
+    ``node_build_path()`` makes it)."""
+    found: dict[int, bytes] = {}
+    if id(root) in wanted:
+        found[id(root)] = b""
+    for path, entry in iter_tree(root):
+        if id(entry) in wanted and isinstance(entry, Node) and entry is not root:
+            found[id(entry)] = path
+    return found
+
+
+#: at most this many distinct escaped xattrs are remembered while printing
+_XATTR_TEXTS_MAX = 4096
+
+
 def _format_lines(root: Node):
-    entries = list(iter_tree(root))
-    paths = {id(entry): path for path, entry in entries if isinstance(entry, Node)}
-    paths[id(root)] = b""  # node_build_path() of the root is empty
+    # Only hard-link targets need their path remembered: memory stays proportional to the
+    # depth of the tree and the number of targets, not to the sum of all path lengths.
+    targets = _link_targets(root)
+    paths: dict[int, bytes] = {id(root): b""} if id(root) in targets else {}
     esc_std, safe_std = _ESC_STD, _SAFE_STD
     esc_eq, safe_eq = _ESC_EQ, _SAFE_EQ
-    for path, entry in entries:
+    # (key, value) -> " key=value" escaped: trees repeat a few xattrs (SELinux labels) a lot
+    xattr_texts: dict[tuple[bytes, bytes], bytes] = {}
+    for path, entry in iter_tree(root):
         if isinstance(entry, HardLink):
             try:
                 node = resolve(entry)
             except HardLinkLoopError as exc:
                 raise ValueError(f"{path!r}: {exc}") from None
             target_path = paths.get(id(node))
+            if target_path is None:
+                # the target comes later in the printed order: look all targets up once
+                paths = _paths_of(root, targets)
+                target_path = paths.get(id(node))
             if target_path is None:
                 raise ValueError(f"hard link {path!r} points at a node that is not in the tree")
             at = b"@"
@@ -773,6 +817,8 @@ def _format_lines(root: Node):
             node = entry
             at = b""
             payload = node.payload
+            if targets and id(node) in targets and node is not root:
+                paths[id(node)] = path
         if path.translate(None, safe_std):
             path = b"".join(map(esc_std.__getitem__, path))
         if payload is None:
@@ -793,14 +839,21 @@ def _format_lines(root: Node):
             path, node.size, at, node.mode, node.nlink & U32_MAX, node.uid & U32_MAX,
             node.gid & U32_MAX, node.rdev, node.mtime_sec, node.mtime_nsec & U32_MAX,
             payload, content, digest)
-        if node.xattrs:
+        xattrs = node.xattrs
+        if xattrs:
             parts = [line]
-            for key, value in node.xattrs.items():
-                if key.translate(None, safe_eq):
-                    key = b"".join(map(esc_eq.__getitem__, key))
-                if value.translate(None, safe_eq):
-                    value = b"".join(map(esc_eq.__getitem__, value))
-                parts.append(b" " + key + b"=" + value)
+            for item in xattrs.items():
+                text = xattr_texts.get(item)
+                if text is None:
+                    key, value = item
+                    if key.translate(None, safe_eq):
+                        key = b"".join(map(esc_eq.__getitem__, key))
+                    if value.translate(None, safe_eq):
+                        value = b"".join(map(esc_eq.__getitem__, value))
+                    text = b" " + key + b"=" + value
+                    if len(xattr_texts) < _XATTR_TEXTS_MAX:
+                        xattr_texts[item] = text
+                parts.append(text)
             parts.append(b"\n")
             yield b"".join(parts)
         else:
