@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +80,49 @@ def fsck_erofs(path: Path) -> None:
         return
     proc = subprocess.run([FSCK, str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, f"fsck.erofs rejected {path}: {proc.stdout}{proc.stderr}"
+
+
+# --- image comparisons that say where two images differ -------------------------------------
+
+#: an mkcomposefs 1.0.8 binary to rebuild a reference image with when a pinned hash differs (only
+#: for the failure message: no test needs it)
+REFERENCE_MKCOMPOSEFS = os.environ.get("MKCFS_REFERENCE_MKCOMPOSEFS")
+
+
+def assert_same_image(actual: bytes | bytearray, expected: bytes | bytearray) -> None:
+    """Equal images, or a failure naming the first differing struct and field."""
+    if bytes(actual) != bytes(expected):
+        from erofs.debug import first_difference
+
+        pytest.fail(f"images differ: {first_difference(expected, actual)}", pytrace=False)
+
+
+def reference_image(dumpfile: bytes, args: Sequence[str] = ()) -> bytes | None:
+    """The image ``$MKCFS_REFERENCE_MKCOMPOSEFS`` builds from ``dumpfile`` (None without it)."""
+    if not REFERENCE_MKCOMPOSEFS:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.dump", Path(tmp) / "out.img"
+        src.write_bytes(dumpfile)
+        proc = subprocess.run([REFERENCE_MKCOMPOSEFS, *args, "--from-file", str(src), str(out)],
+                              capture_output=True)
+        return out.read_bytes() if proc.returncode == 0 else None
+
+
+def assert_image_sha256(actual: bytes | bytearray, sha256: str,
+                        reference: Callable[[], bytes | None] | None = None) -> None:
+    """``actual`` hashes to the pinned ``sha256``; otherwise fail naming the first differing
+    struct and field against the reference image (``reference()``, e.g. built by
+    :func:`reference_image`) when one with that hash is available."""
+    got = hashlib.sha256(actual).hexdigest()
+    if got == sha256:
+        return
+    expected = reference() if reference is not None else None
+    if expected is not None and hashlib.sha256(expected).hexdigest() == sha256:
+        from erofs.debug import first_difference
+
+        detail = first_difference(expected, actual)
+    else:
+        detail = ("no reference image to compare with (set MKCFS_REFERENCE_MKCOMPOSEFS to an "
+                  "mkcomposefs 1.0.8 binary to name the first differing struct and field)")
+    pytest.fail(f"image sha256 {got} != pinned {sha256}: {detail}", pytrace=False)

@@ -29,6 +29,7 @@ PROG = "mkcfs"
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "mount": ("mount", "mount an OCI image or a composefs image (LXC mount helper)"),
     "umount": ("umount", "unmount what `mkcfs mount` mounted"),
+    "debug-structs": ("debug_structs", "print every struct of an image with its offset and fields"),
 }
 
 
