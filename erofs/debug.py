@@ -34,21 +34,17 @@ from .format import (
     ErofsSuperBlock,
     ErofsXattrEntry,
     ErofsXattrIbodyHeader,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFMT,
+    STRUCT_SIZES,
 )
-from .reader import S_IFDIR, S_IFLNK, S_IFMT, Image
+from .reader import Image
 
 __all__ = ["Region", "image_regions", "format_regions", "first_difference", "field_at"]
 
 #: construct declaration -> the C name the kernel and libcomposefs give the struct
-STRUCT_NAMES: dict[int, str] = {
-    id(ComposefsHeader): "composefs_header",
-    id(ErofsSuperBlock): "erofs_super_block",
-    id(ErofsInodeCompact): "erofs_inode_compact",
-    id(ErofsInodeExtended): "erofs_inode_extended",
-    id(ErofsXattrIbodyHeader): "erofs_xattr_ibody_header",
-    id(ErofsXattrEntry): "erofs_xattr_entry",
-    id(ErofsDirent): "erofs_dirent",
-}
+STRUCT_NAMES: dict[int, str] = {id(decl): name for name, (decl, _size) in STRUCT_SIZES.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,13 +17,27 @@ Layout of an image as mkcomposefs writes it::
 
 from __future__ import annotations
 
+import re
+import stat
 import struct
+from typing import Any
 
 import construct as cs
 
 from fsverity.cstruct import derive_format, derive_packer  # noqa: F401  (re-exported)
 
 # --- constants -------------------------------------------------------------------------------
+
+#: The file type bits of ``i_mode`` (POSIX's, so those of the ``stat`` module): the one place the
+#: project takes them from (``mkcfs.tree`` re-exports them for the tree model).
+S_IFMT = 0o170000
+S_IFDIR = stat.S_IFDIR
+S_IFREG = stat.S_IFREG
+S_IFLNK = stat.S_IFLNK
+S_IFCHR = stat.S_IFCHR
+S_IFBLK = stat.S_IFBLK
+S_IFIFO = stat.S_IFIFO
+S_IFSOCK = stat.S_IFSOCK
 
 #: composefs header magic (``LCFS_EROFS_MAGIC``) and header version (``LCFS_EROFS_VERSION``).
 LCFS_EROFS_MAGIC = 0xD078629A
@@ -212,8 +226,47 @@ def check_layout() -> None:
             raise AssertionError(f"{name}: size {declaration.sizeof()} != {size}")
 
 
-COMPOSEFS_HEADER = derive_packer(ComposefsHeader)
-SUPER_BLOCK = derive_packer(ErofsSuperBlock)
+class NamedPacker:
+    """A derived packer addressed by field name, for structures written or read once per image
+    (header, superblock): no reader has to count 24 positional values. Fields not given pack
+    as zero; ``unpack_from`` gives a dict keyed by the declared field names."""
+
+    __slots__ = ("declaration", "packer", "names", "size", "_zero")
+
+    def __init__(self, declaration: cs.Struct) -> None:
+        self.declaration = declaration
+        self.packer = derive_packer(declaration)
+        self.size = self.packer.size
+        self.names: tuple[str, ...] = tuple(sub.name for sub in declaration.subcons)
+        self._zero = {name: (b"" if fmt.endswith("s") else 0) for name, fmt in
+                      zip(self.names, _field_formats(declaration))}
+
+    def pack_into(self, buffer: bytearray, offset: int, **fields: int | bytes) -> None:
+        unknown = set(fields) - set(self._zero)
+        if unknown:
+            raise TypeError(f"{sorted(unknown)} are not fields of this structure")
+        zero = self._zero
+        self.packer.pack_into(buffer, offset, *(fields.get(n, zero[n]) for n in self.names))
+
+    def pack(self, **fields: int | bytes) -> bytes:
+        out = bytearray(self.size)
+        self.pack_into(out, 0, **fields)
+        return bytes(out)
+
+    def unpack_from(self, buffer: bytes | bytearray | memoryview, offset: int = 0
+                    ) -> dict[str, Any]:
+        return dict(zip(self.names, self.packer.unpack_from(buffer, offset)))
+
+
+def _field_formats(declaration: cs.Struct) -> list[str]:
+    """The ``struct`` code of each field (see ``derive_format``)."""
+    fmt = derive_format(declaration)[1:]
+    return re.findall(r"\d*[a-zA-Z]", fmt)
+
+
+#: header and superblock: written and read once per image, by field name
+COMPOSEFS_HEADER = NamedPacker(ComposefsHeader)
+SUPER_BLOCK = NamedPacker(ErofsSuperBlock)
 INODE_COMPACT = derive_packer(ErofsInodeCompact)
 INODE_EXTENDED = derive_packer(ErofsInodeExtended)
 XATTR_IBODY_HEADER = derive_packer(ErofsXattrIbodyHeader)

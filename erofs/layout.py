@@ -8,7 +8,6 @@ splits, inline tails versus data blocks, the tail padding rule, nids, and the da
 
 from __future__ import annotations
 
-import stat
 from dataclasses import dataclass
 
 from .errors import LayoutError
@@ -22,19 +21,18 @@ from .format import (
     EROFS_SUPER_OFFSET,
     LCFS_MAX_NONINLINE_CHUNKS,
     LCFS_MAX_SHARED_XATTRS,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
     SUPER_BLOCK,
     XATTR_ENTRY,
     round_up,
     xattr_filter_bit,
     xattr_prefix_split,
 )
-
-S_IFMT = 0o170000
-S_IFDIR = stat.S_IFDIR
-S_IFREG = stat.S_IFREG
-S_IFLNK = stat.S_IFLNK
-S_IFCHR = stat.S_IFCHR
-S_IFBLK = stat.S_IFBLK
 
 #: where the inode table starts: right after the superblock.
 INODES_START = EROFS_SUPER_OFFSET + SUPER_BLOCK.size

@@ -27,7 +27,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import ImageFormatError
 from .format import (
@@ -42,6 +42,12 @@ from .format import (
     INODE_EXTENDED,
     LCFS_EROFS_MAGIC,
     LCFS_EROFS_VERSION,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
     SUPER_BLOCK,
     XATTR_ENTRY,
     XATTR_IBODY_HEADER,
@@ -52,12 +58,6 @@ __all__ = ["Image", "Inode", "XattrEntry", "WorkBudget", "ImageFormatError", "He
            "read_header", "read_superblock", "xattr_key", "HEADER_AREA_SIZE", "S_IFMT", "S_IFDIR",
            "S_IFREG", "S_IFLNK", "S_IFCHR", "S_IFBLK"]
 
-S_IFMT = 0o170000
-S_IFDIR = 0o040000
-S_IFREG = 0o100000
-S_IFLNK = 0o120000
-S_IFCHR = 0o020000
-S_IFBLK = 0o060000
 
 _COMPACT_SIZE = INODE_COMPACT.size      # 32
 _EXTENDED_SIZE = INODE_EXTENDED.size    # 64
@@ -228,23 +228,24 @@ def read_header(data: bytes | bytearray | memoryview | mmap.mmap) -> Header:
     if len(data) < COMPOSEFS_HEADER.size:
         raise ImageFormatError(len(data), f"not a composefs image (only {len(data)} bytes, "
                                           "too short for its header)")
-    magic, version, flags, cfs_version, _ = COMPOSEFS_HEADER.unpack_from(data, 0)
-    if magic != LCFS_EROFS_MAGIC:
-        raise ImageFormatError(0, f"not a composefs image (magic {magic:#010x})")
-    if version != LCFS_EROFS_VERSION:
-        raise ImageFormatError(4, f"unsupported composefs header version {version}")
-    return Header(flags, cfs_version)
+    header = COMPOSEFS_HEADER.unpack_from(data, 0)
+    if header["magic"] != LCFS_EROFS_MAGIC:
+        raise ImageFormatError(0, f"not a composefs image (magic {header['magic']:#010x})")
+    if header["version"] != LCFS_EROFS_VERSION:
+        raise ImageFormatError(4, f"unsupported composefs header version {header['version']}")
+    return Header(header["flags"], header["composefs_version"])
 
 
-def read_superblock(data: bytes | bytearray | memoryview | mmap.mmap) -> tuple:
-    """The EROFS superblock fields (``SUPER_BLOCK`` order), after checking that it is present
-    and carries the EROFS magic."""
+def read_superblock(data: bytes | bytearray | memoryview | mmap.mmap) -> dict[str, Any]:
+    """The EROFS superblock's fields by name (``ErofsSuperBlock``), after checking that it is
+    present and carries the EROFS magic."""
     if len(data) < HEADER_AREA_SIZE:
         raise ImageFormatError(len(data), f"not a composefs image (only {len(data)} bytes, "
                                           "too short for its superblock)")
     fields = SUPER_BLOCK.unpack_from(data, EROFS_SUPER_OFFSET)
-    if fields[0] != EROFS_SUPER_MAGIC_V1:
-        raise ImageFormatError(EROFS_SUPER_OFFSET, f"bad EROFS superblock magic {fields[0]:#010x}")
+    if fields["magic"] != EROFS_SUPER_MAGIC_V1:
+        raise ImageFormatError(EROFS_SUPER_OFFSET,
+                               f"bad EROFS superblock magic {fields['magic']:#010x}")
     return fields
 
 
@@ -268,10 +269,17 @@ class Image:
         header = read_header(data)
         self.flags = header.flags
         self.version = header.composefs_version
-        (_sb_magic, _csum, self.feature_compat, self.blkszbits, _extslots, self.root_nid,
-         self.inos, build_time, self.build_time_nsec, self.blocks, meta_blkaddr, xattr_blkaddr,
-         _uuid, _name, self.feature_incompat) = read_superblock(data)[:15]
-        self.build_time = _signed64(build_time)
+        sb = read_superblock(data)
+        self.feature_compat = sb["feature_compat"]
+        self.feature_incompat = sb["feature_incompat"]
+        self.blkszbits = sb["blkszbits"]
+        self.root_nid = sb["root_nid"]
+        self.inos = sb["inos"]
+        self.blocks = sb["blocks"]
+        self.build_time = _signed64(sb["build_time"])
+        self.build_time_nsec = sb["build_time_nsec"]
+        meta_blkaddr = sb["meta_blkaddr"]
+        xattr_blkaddr = sb["xattr_blkaddr"]
         # libcomposefs assumes 4096-byte blocks whatever blkszbits says; so do we.
         self.meta_base = meta_blkaddr << EROFS_BLKSIZ_BITS
         self.xattr_base = xattr_blkaddr << EROFS_BLKSIZ_BITS

@@ -31,6 +31,14 @@ from .format import (
     LCFS_EROFS_FLAGS_HAS_ACL,
     LCFS_EROFS_MAGIC,
     LCFS_EROFS_VERSION,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    S_IFSOCK,
     SUPER_BLOCK,
     XATTR_ENTRY,
     XATTR_IBODY_HEADER,
@@ -38,18 +46,14 @@ from .format import (
 from .layout import INODES_START, ImagePlan, InodeRecord, plan_image
 
 _FILE_TYPES = {
-    0o100000: EROFS_FT_REG_FILE,
-    0o040000: EROFS_FT_DIR,
-    0o020000: EROFS_FT_CHRDEV,
-    0o060000: EROFS_FT_BLKDEV,
-    0o010000: EROFS_FT_FIFO,
-    0o140000: EROFS_FT_SOCK,
-    0o120000: EROFS_FT_SYMLINK,
+    S_IFREG: EROFS_FT_REG_FILE,
+    S_IFDIR: EROFS_FT_DIR,
+    S_IFCHR: EROFS_FT_CHRDEV,
+    S_IFBLK: EROFS_FT_BLKDEV,
+    S_IFIFO: EROFS_FT_FIFO,
+    S_IFSOCK: EROFS_FT_SOCK,
+    S_IFLNK: EROFS_FT_SYMLINK,
 }
-S_IFMT = 0o170000
-S_IFDIR = 0o040000
-S_IFREG = 0o100000
-S_IFLNK = 0o120000
 _U64 = (1 << 64) - 1
 _U32 = 0xFFFFFFFF
 _U16 = 0xFFFF
@@ -79,16 +83,17 @@ def emit_image(plan: ImagePlan, version: int) -> bytearray:
     inodes = plan.inodes
     out = bytearray(plan.image_size)
 
-    COMPOSEFS_HEADER.pack_into(out, 0, LCFS_EROFS_MAGIC, LCFS_EROFS_VERSION,
-                               LCFS_EROFS_FLAGS_HAS_ACL if plan.has_acl else 0, version, b"")
+    COMPOSEFS_HEADER.pack_into(out, 0, magic=LCFS_EROFS_MAGIC, version=LCFS_EROFS_VERSION,
+                               flags=LCFS_EROFS_FLAGS_HAS_ACL if plan.has_acl else 0,
+                               composefs_version=version)
     SUPER_BLOCK.pack_into(
         out, EROFS_SUPER_OFFSET,
-        EROFS_SUPER_MAGIC_V1, 0,
-        EROFS_FEATURE_COMPAT_MTIME | EROFS_FEATURE_COMPAT_XATTR_FILTER,
-        EROFS_BLKSIZ_BITS, 0, inodes[0].nid,
-        len(records), plan.build_time & _U64, plan.build_time_nsec & _U32,
-        plan.image_size // EROFS_BLKSIZ, 0, plan.inodes_end // EROFS_BLKSIZ,
-        b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0, b"")
+        magic=EROFS_SUPER_MAGIC_V1,
+        feature_compat=EROFS_FEATURE_COMPAT_MTIME | EROFS_FEATURE_COMPAT_XATTR_FILTER,
+        blkszbits=EROFS_BLKSIZ_BITS, root_nid=inodes[0].nid, inos=len(records),
+        build_time=plan.build_time & _U64, build_time_nsec=plan.build_time_nsec & _U32,
+        blocks=plan.image_size // EROFS_BLKSIZ, meta_blkaddr=0,
+        xattr_blkaddr=plan.inodes_end // EROFS_BLKSIZ)
 
     nids = [ino.nid for ino in inodes]
     ftypes = [_FILE_TYPES.get(r.mode & S_IFMT, EROFS_FT_UNKNOWN) for r in records]

@@ -13,19 +13,21 @@ Names, paths, symlink targets, payloads and xattrs are ``bytes`` (Linux file nam
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Iterator
 
-from mkcfs.errors import BuildInputError
+# the file type bits, from their one home (POSIX's, as in ``stat``)
+from erofs.format import (  # noqa: F401  (re-exported for the tree's users)
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    S_IFSOCK,
+)
 
-S_IFMT = stat.S_IFMT(0o777777)
-S_IFDIR = stat.S_IFDIR
-S_IFREG = stat.S_IFREG
-S_IFLNK = stat.S_IFLNK
-S_IFCHR = stat.S_IFCHR
-S_IFBLK = stat.S_IFBLK
-S_IFIFO = stat.S_IFIFO
-S_IFSOCK = stat.S_IFSOCK
+from mkcfs.errors import BuildInputError
 
 #: The file types a composefs image can hold.
 VALID_TYPES = frozenset((S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK))

@@ -52,7 +52,7 @@ from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
 from mkcfs.progress import Progress
 from mkcfs.store.reading import file_changed
-from mkcfs.tree import HardLink, Node, iter_tree
+from mkcfs.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, HardLink, Node, iter_tree
 
 if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.store.cache import DigestCache
@@ -62,12 +62,8 @@ __all__ = ["WalkOptions", "walk_directory"]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
-_S_IFMT = 0o170000
-_S_IFDIR = stat.S_IFDIR
-_S_IFREG = stat.S_IFREG
-_S_IFLNK = stat.S_IFLNK
-_S_IFCHR = stat.S_IFCHR
-_S_IFBLK = stat.S_IFBLK
+_S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK, _S_IFCHR, _S_IFBLK = (S_IFMT, S_IFDIR, S_IFREG, S_IFLNK,
+                                                           S_IFCHR, S_IFBLK)
 _NO_XATTR_SUPPORT = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP))
 _NS = 1_000_000_000
 

@@ -14,8 +14,8 @@ from fsverity import format as vfmt
 SIZES = {**fmt.STRUCT_SIZES, **vfmt.STRUCT_SIZES}
 DECLS = {name: decl for name, (decl, _) in SIZES.items()}
 PACKERS = {
-    "composefs_header": fmt.COMPOSEFS_HEADER,
-    "erofs_super_block": fmt.SUPER_BLOCK,
+    "composefs_header": fmt.COMPOSEFS_HEADER.packer,
+    "erofs_super_block": fmt.SUPER_BLOCK.packer,
     "erofs_inode_compact": fmt.INODE_COMPACT,
     "erofs_inode_extended": fmt.INODE_EXTENDED,
     "erofs_xattr_ibody_header": fmt.XATTR_IBODY_HEADER,
@@ -66,6 +66,26 @@ def test_packer_equals_construct(name, data):
     assert got == expected
     parsed = decl.parse(got)
     assert [parsed[f.name] for f in decl.subcons] == list(PACKERS[name].unpack(got))
+
+
+@pytest.mark.parametrize("named", [fmt.COMPOSEFS_HEADER, fmt.SUPER_BLOCK])
+@given(data=st.data())
+def test_named_packer_equals_construct(named, data):
+    decl = named.declaration
+    values = {f.name: data.draw(_field_strategy(f)) for f in decl.subcons}
+    # a random subset given by name; the rest must pack as zeros
+    given_names = data.draw(st.sets(st.sampled_from([f.name for f in decl.subcons])))
+    expected = decl.build({f.name: values[f.name] if f.name in given_names
+                           else (bytes(_leaf(f).length) if isinstance(_leaf(f), cs.Bytes) else 0)
+                           for f in decl.subcons})
+    got = named.pack(**{n: values[n] for n in given_names})
+    assert got == expected
+    assert named.unpack_from(got) == {f.name: decl.parse(got)[f.name] for f in decl.subcons}
+
+
+def test_named_packer_refuses_unknown_fields():
+    with pytest.raises(TypeError, match="root_nids"):
+        fmt.SUPER_BLOCK.pack(root_nids=1)
 
 
 def test_reserved_fields_pack_as_zeros():
