@@ -4,6 +4,21 @@ The records come in BFS order (record 0 is the root) with their final xattrs, al
 directory entries already sorted. The planner decides, exactly as libcomposefs 1.0.8 does:
 compact or extended inodes, the shared xattr table, per-inode xattr bodies, directory block
 splits, inline tails versus data blocks, the tail padding rule, nids, and the data block numbers.
+
+**Placement** (per record, in order, from byte 1152): the inode starts at the next multiple of
+32 (its nid is that offset / 32), followed by its xattr body and its inline tail. The tail (the
+last partial block of a file or directory, up to 2048 bytes; an external file's chunk indexes)
+must not cross a block boundary: when it would, zero padding is put *before the inode* so that
+the tail starts just after the boundary (the inode and xattrs may cross blocks). A symlink whose
+inode, xattrs and target would cross a block starts at the next block instead, and one whose
+total reaches 4096 bytes moves its target to a data block.
+
+**External files** are chunk based: the chunk size is the file size rounded up to a power of two
+(at least 4096, at most 2^43), and at most 1024 chunk indexes are allowed (``File too large``
+beyond, about 2^53 bytes). Files above about 8.9e15 bytes (more than 1017 chunks) take the
+"does not fit" branch of the tail rule and get a full data block of 0xFF indexes instead of an
+inline map, exactly as mkcomposefs 1.0.8 writes them (fsck.erofs from erofs-utils 1.5 cannot
+decode that layout).
 """
 
 from __future__ import annotations

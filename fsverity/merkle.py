@@ -11,6 +11,17 @@ buffer level by level in one go (the fast path for the many small files of a
 tree: a file up to one read buffer is hashed that way), and
 :class:`FsVerityHasher` streams data of any size.
 
+**The digest.** The data is cut into 4096-byte blocks, the last one zero-padded; while a level
+has more than one block, the SHA-256 of each block is taken and the 32-byte hashes, joined and
+zero-padded to whole blocks, form the next level; the root hash is the SHA-256 of the single
+block left (so a file of at most 4096 bytes has the hash of its padded data as root). The file's
+digest is the SHA-256 of the 256-byte ``fsverity_descriptor`` (version 1, algorithm 1, log2 block
+size 12, no salt, the data size and the root hash; ``fsverity/format.py``). For an empty file
+the kernel and ``fsverity digest`` use an all-zero root hash, while libcomposefs's userspace
+code hashes one zero block (``composefs-info measure-file`` prints that: see
+``empty_as_zero_block``); an image never contains either. The object path of a digest is its
+hex form split after two characters (``ab/cdef…``, :func:`object_path`).
+
 Holes cost no hashing: an all-zero data block has a fixed hash, and so has
 every all-zero subtree of the Merkle tree (``zero_hash(level)``), so
 :meth:`FsVerityHasher.update_zeros` adds any run of zeros in time

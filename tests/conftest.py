@@ -72,7 +72,7 @@ def fsck_erofs(path: Path) -> None:
     """Run ``fsck.erofs`` (walks every directory and inode) and assert it is clean.
 
     ``--extract`` is not used: erofs-utils 1.5 cannot decode the (reference-identical) layout of
-    external files above ~8.9e15 bytes, which mkcomposefs 1.0.8 writes too (format spec §5.6).
+    external files above ~8.9e15 bytes, which mkcomposefs 1.0.8 writes too (erofs/layout.py, "External files").
 
     Does nothing where erofs-utils is not installed; ``test_fsck_is_installed_in_ci`` makes sure
     CI always has it."""

@@ -1,7 +1,7 @@
 """Tests for mkcfs.sources.dumpfile: the composefs-dump(5) parser (mkcomposefs 1.0.8 semantics) and printer
 (composefs-info dump 1.0.8).
 
-Format spec: ../shared/design/composefs-format.md §9.1, §11. The conformance corpus in
+Format notes: the docstring of mkcfs/sources/dumpfile.py. The conformance corpus in
 ../shared/conformance is used when present (tests that need it skip with the reason otherwise).
 """
 
@@ -418,7 +418,7 @@ def test_error_carries_source_and_line():
 
 
 # ---------------------------------------------------------------------------------------------
-# paths (§9.1) and the root
+# paths (dumpfile.py, "Paths") and the root
 # ---------------------------------------------------------------------------------------------
 
 def test_slash_runs_and_relative_paths():
@@ -593,7 +593,7 @@ def test_xattr_escape_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# hard links (§11.5)
+# hard links (dumpfile.py, "Hard links")
 # ---------------------------------------------------------------------------------------------
 
 def test_hardlink_basic():
@@ -656,7 +656,7 @@ def test_hardlink_lines_skip_strict_checks():
 
 
 # ---------------------------------------------------------------------------------------------
-# strict mode (§11.6)
+# strict mode (dumpfile.py, "Strict mode")
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [
@@ -680,7 +680,7 @@ def test_strict_accepts_device_rdev_and_matching_symlink():
 
 
 # ---------------------------------------------------------------------------------------------
-# upstream must-fail assets (§11.8) and the conformance corpus
+# upstream must-fail assets and the conformance corpus
 # ---------------------------------------------------------------------------------------------
 
 # asset -> (message start, line) in lenient mode; in strict mode the inputs without a final
@@ -709,7 +709,7 @@ MUST_FAIL_INPUTS = [c for c in CONFORMANCE_INPUTS if c[3]]
 def test_should_fail_assets(name, path, strict):
     data = read(path)
     if name == "should-fail-too-big.dump":
-        # 9.5e15 bytes > 2**53: parses; the writer refuses it ("File too large", §4.2)
+        # 9.5e15 bytes > 2**53: parses; the writer refuses it ("File too large", erofs/layout.py, "External files")
         assert get(parse(data, strict), b"/bigfile").size == 9500000000000000
         return
     message, line = SHOULD_FAIL[name]

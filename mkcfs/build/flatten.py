@@ -104,7 +104,8 @@ def _apply(xattrs: dict[bytes, bytes], additions: list[tuple[bytes, bytes]], roo
 
     A fresh key cannot fail: the additions are small and libcomposefs measures them from 0. Only
     when an addition replaces a key the node already has does the exact accounting matter (the
-    counter can wrap and refuse the write, §6.7), so only then is it replayed."""
+    counter can wrap and refuse the write: ``mkcfs.build.overlay``, "Xattr size accounting"),
+    so only then is it replayed."""
     if any(key in xattrs for key, _ in additions):
         budget = XattrBudget(dict(xattrs))
         for key, value in additions:

@@ -7,7 +7,18 @@ would be interpreted by overlayfs. Source xattrs there are escaped one level
 and the escaped whiteout markers of overlay whiteouts stored in the image.
 
 ``XattrBudget`` reproduces libcomposefs's per-node size accounting, including its wrap-around
-quirk (format spec §6.7), so that exactly the inputs mkcomposefs refuses are refused.
+quirk, so that exactly the inputs mkcomposefs refuses are refused:
+
+**Xattr size accounting.** Each node keeps a running counter (an unsigned 64-bit integer in C).
+Setting a key first removes an existing one, subtracting ``7 + len(key) + len(old value)`` (or
+resetting the counter to 0 when no other xattr is left); the new entry then costs ``7 + len(key)
++ len(value)``, plus 12 when it is the node's only xattr. Keys must be 1..255 bytes, values at
+most 65535, and the counter at most 32767 after the add. The quirk: the writer works on a copy
+of the tree whose nodes start counting at 0 again while keeping their xattrs, so when one of the
+writer's own additions replaces an xattr that came from the input with a longer value, the
+subtraction wraps and the write fails with ERANGE (``cannot write file: Numerical result out of
+range``), e.g. a whiteout that carried ``trusted.overlay.whiteout=abc``. Successful images are
+not affected.
 """
 
 from __future__ import annotations

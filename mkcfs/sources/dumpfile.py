@@ -1,4 +1,4 @@
-"""composefs-dump(5): the text ``mkcomposefs --from-file`` reads and ``composefs-info dump`` prints.
+r"""composefs-dump(5): the text ``mkcomposefs --from-file`` reads and ``composefs-info dump`` prints.
 
 ``parse_dumpfile`` turns the text into a :class:`~mkcfs.tree.Node` tree with the semantics of the
 1.0.8 parser (``tree_from_dump`` in ``tools/mkcomposefs.c``); ``format_dumpfile`` prints a tree the
@@ -27,6 +27,40 @@ What the tree holds after parsing (only what can reach an image):
   inode test uses it for devices, fifos and sockets); ``rdev`` only for chr/blk (32 bits), else 0;
 * hard link (``@`` mode): a :class:`~mkcfs.tree.HardLink` whose ``target`` is the ``Node`` or
   ``HardLink`` at the PAYLOAD path (chains allowed, resolved after the whole file is read).
+
+Format notes (the rules of the 1.0.8 parser and printer that the code below follows; other
+modules refer to them by these headings):
+
+**Paths.** A path is split on ``/``; a leading slash is optional and runs of slashes are
+skipped (``/a//b`` is ``/a/b``). The last component is the new entry's name: it must be 1..255
+bytes and neither ``.`` nor ``..``; every earlier component must already exist and be a
+directory. Only the exact path ``/`` names the root, which must be the first line.
+
+**Escapes.** Input: ``\\``, ``\n``, ``\r``, ``\t`` and ``\xHH`` (either case); anything else
+after a backslash is an error; every other byte is literal. A field that is exactly ``-`` means
+"none" (PAYLOAD, CONTENT, DIGEST), so a one-byte ``-`` value is written ``\x2d``. Output (what
+``composefs-info dump`` prints): backslash, LF, CR and TAB as above, every byte outside
+0x21..0x7E as lowercase ``\xhh``; in xattr keys and values also ``=`` as ``\x3d``; PAYLOAD and
+CONTENT that are exactly ``-`` as ``\x2d``.
+
+**Printing.** Entries are printed depth first, pre-order, children in bytewise name order. A
+hard link prints ``@`` before the target's mode, the target's absolute path as PAYLOAD (the
+root's is empty) and the target's other fields. DIGEST is 64 lowercase hex digits or ``-``.
+Xattrs are printed in the node's order (the image's stored order, for a tree read back).
+
+**Xattrs.** The text after the 11th field (at most 65535 bytes) is ``KEY=VALUE`` items separated
+by single spaces, split at the first ``=``; a later duplicate key wins. Keys are 1..255 bytes,
+values at most 65535, and a node's xattrs are accounted as libcomposefs does: each costs
+``7 + len(key) + len(value)``, the first one 12 more, and the total may not exceed 32767.
+
+**Strict mode** (``CFS_PARSE_STRICT`` set): the last line must end with a newline, RDEV must be
+0 except for devices, and a symlink's SIZE must equal its target length and it may not have
+CONTENT.
+
+**Hard links.** An ``@`` line reads only its mode (any type but a directory) and its PAYLOAD (the
+target path). Placeholders are resolved after the whole file is read, from the last back to the
+first; chains of placeholders are followed, a cycle is an error, and the target's NLINK is
+written as its own line gave it.
 """
 
 from __future__ import annotations
@@ -61,7 +95,7 @@ NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 65535
 #: Per-inode xattr budget for dumpfile input (``LCFS_INODE_EXTERNAL_XATTR_MAX``): each entry costs
-#: 7 + len(key) + len(value), the first one 12 more (§6.7).
+#: 7 + len(key) + len(value), the first one 12 more (module docstring, "Xattrs").
 XATTR_BUDGET = 32767
 _XATTR_ENTRY_COST = 7
 _XATTR_HEADER_COST = 12
@@ -178,7 +212,7 @@ def escape_with(data: bytes, table: list[bytes], safe: bytes) -> bytes:
 
 
 def escape(data: bytes, *, equal: bool = False, lone_dash: bool = False) -> bytes:
-    """Escape bytes the way ``composefs-info dump`` does (§11.3).
+    """Escape bytes the way ``composefs-info dump`` does (module docstring, "Escapes").
 
     ``\\`` LF CR TAB become ``\\\\ \\n \\r \\t``; every other byte outside 0x21..0x7E becomes
     ``\\xhh``. ``equal`` also escapes ``=`` (xattr keys and values); ``lone_dash`` writes a value
@@ -236,7 +270,8 @@ def _strtoull(field: bytes, base: int, what: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _parent_slow(root: Node, path: bytes) -> tuple[Node, bytes, bytes]:
-    """Find the parent directory of ``path`` with the C rules (§9.1); return (parent, name, key).
+    """Find the parent directory of ``path`` with the C rules (module docstring,
+    "Paths"); return (parent, name, key).
 
     Runs of slashes are skipped and a leading slash is optional; the text after the last slash is
     the name (empty for a trailing slash). ``key`` is the normalized path ``/a/b``."""
@@ -281,7 +316,8 @@ def _lookup_target(root: Node, dirs: dict[bytes, Node], target: bytes) -> Node |
 
 
 def _parse_xattrs(text: bytes) -> dict[bytes, bytes]:
-    """The xattrs after the 11th field: ``KEY=VALUE`` separated by single spaces (§11.1, §6.7)."""
+    """The xattrs after the 11th field: ``KEY=VALUE`` separated by single spaces (module
+    docstring, "Xattrs")."""
     if len(text) > XATTR_TEXT_MAX:
         raise _LineError(f"Too many xattrs (the xattr text is {len(text)} bytes, more than "
                          f"{XATTR_TEXT_MAX})")
@@ -390,11 +426,12 @@ def parse_dumpfile(data: bytes | BinaryIO, *, strict: bool = False, source: str 
     """Parse composefs-dump(5) text into a tree and return its root.
 
     ``data`` is the text, or a binary file to read it from (read in blocks: the text is never
-    held whole). ``strict`` is ``CFS_PARSE_STRICT`` (§11.6). ``source`` names the input in error
-    messages. Raises :class:`~mkcfs.errors.DumpfileError` (with the 1-based line number) on bad
-    input; errors reading a file are the file's ``OSError``. ``share_xattrs``: nodes with the
-    same xattrs text get one shared dict (none: one shared empty dict), which saves a dict per
-    node, for a tree that nobody changes (``mkcomposefs`` builds an image from it and drops it)."""
+    held whole). ``strict`` is ``CFS_PARSE_STRICT`` (module docstring, "Strict mode").
+    ``source`` names the input in error messages. Raises :class:`~mkcfs.errors.DumpfileError`
+    (with the 1-based line number) on bad input; errors reading a file are the file's
+    ``OSError``. ``share_xattrs``: nodes with the same xattrs text get one shared dict (none: one
+    shared empty dict), which saves a dict per node, for a tree that nobody changes
+    (``mkcomposefs`` builds an image from it and drops it)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         stream: BinaryIO = io.BytesIO(data)
     else:
@@ -727,7 +764,7 @@ def _resolve_hardlinks(root: Node, dirs: dict[bytes, Node],
 # ---------------------------------------------------------------------------------------------
 
 def format_dumpfile(root: Node) -> bytes:
-    """The tree as ``composefs-info dump`` prints a tree (§11.3).
+    """The tree as ``composefs-info dump`` prints a tree (module docstring, "Printing").
 
     Pre-order, children in bytewise name order; every field is printed from the node as stored
     (``composefs-info`` prints what its image reader put in the tree: directory sizes and nlinks

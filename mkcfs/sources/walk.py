@@ -1,7 +1,7 @@
 """Directory source: read a directory tree into a ``Node`` tree, as ``mkcomposefs DIR`` does.
 
 ``walk_directory(path, options)`` gives the tree from which ``build_image`` writes the same bytes
-as mkcomposefs 1.0.8 given the same directory and options (composefs-format.md §12.3):
+as mkcomposefs 1.0.8 given the same directory and options:
 
 * Nothing is followed: the SOURCE itself is ``lstat``ed and must be a directory (a symlink to a
   directory is an error; ``link/`` with a trailing slash names the directory and works), and every
