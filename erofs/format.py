@@ -17,6 +17,7 @@ Layout of an image as mkcomposefs writes it::
 
 from __future__ import annotations
 
+import mmap
 import re
 import stat
 import struct
@@ -253,7 +254,7 @@ class NamedPacker:
         self.pack_into(out, 0, **fields)
         return bytes(out)
 
-    def unpack_from(self, buffer: bytes | bytearray | memoryview, offset: int = 0
+    def unpack_from(self, buffer: bytes | bytearray | memoryview | mmap.mmap, offset: int = 0
                     ) -> dict[str, Any]:
         return dict(zip(self.names, self.packer.unpack_from(buffer, offset)))
 

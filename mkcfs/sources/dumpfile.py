@@ -72,7 +72,7 @@ import re
 from collections.abc import Iterator
 from itertools import chain
 from binascii import unhexlify
-from typing import BinaryIO
+from typing import Protocol
 
 from mkcfs.errors import DumpfileError
 from mkcfs.gcpause import gc_paused
@@ -775,7 +775,13 @@ def format_dumpfile(root: Node) -> bytes:
         return b"".join(_format_lines(root))
 
 
-def write_dumpfile(root: Node, fileobj: BinaryIO) -> None:
+class BytesSink(Protocol):
+    """Anything with a binary ``write`` (a file, ``sys.stdout.buffer``, a ``FullWriter``)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+def write_dumpfile(root: Node, fileobj: BytesSink) -> None:
     """Write :func:`format_dumpfile` of ``root`` to a binary file object."""
     write = fileobj.write
     with gc_paused():
