@@ -72,7 +72,7 @@ import re
 from collections.abc import Iterator
 from itertools import chain
 from binascii import unhexlify
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from mkcfs.errors import DumpfileError
 from mkcfs.gcpause import gc_paused
