@@ -148,6 +148,8 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
     append_record = records.append
     sorted_lists: dict[int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]] = {}
 
+    # record index -> the (escaped) xattrs of a node in ``additions``, until they are final
+    pending_xattrs: dict[int, dict[bytes, bytes]] = {}
     for node in queue:  # the queue grows while it is walked: breadth first
         index = len(records)
         mode = node.mode
@@ -226,8 +228,10 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
             size = 0
             additions[index] = (node, whiteout_adds)
 
+        xlist: list[tuple[bytes, bytes]]
         if index in additions:
-            xlist = xattrs   # finished below, once every addition to it is known
+            xlist = []   # set below, once every addition to ``xattrs`` is known
+            pending_xattrs[index] = xattrs
         elif external:
             # METACOPY < REDIRECT: without xattrs of its own the list is in order already
             xlist = sorted([*xattrs.items(), *external_adds]) if xattrs else external_adds
@@ -250,8 +254,7 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
     # marks (both gathered above), and last the root's opaque flag
     additions[0][1].append((overlay.OPAQUE, b"y"))
     for index, (node, adds) in additions.items():
-        rec = records[index]
-        rec.xattrs = sorted(_apply(rec.xattrs, adds, root, node).items())  # type: ignore[arg-type]
+        records[index].xattrs = sorted(_apply(pending_xattrs[index], adds, root, node).items())
     if root_whiteouts and selinux is not None and len(selinux) > _SELINUX_MAX:
         raise WriteError(errno.ERANGE, "security.selinux of the root is too long")
 

@@ -82,7 +82,9 @@ def _parse_argv(argv: list[str]) -> tuple[dict[str, object], list[str]]:
                     value = argv[i]
                     i += 1
                 if c == "o":
-                    flags["o"].append(value)  # type: ignore[union-attr]
+                    options = flags["o"]
+                    assert isinstance(options, list)
+                    options.append(value)
                 elif c == "t":
                     if value != "composefs" and not value.startswith("composefs."):
                         raise common.UsageError(f"Unsupported fs type '{value}'")

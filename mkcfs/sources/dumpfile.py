@@ -604,10 +604,11 @@ def _parse(stream: BinaryIO, strict: bool, source: str, share_xattrs: bool) -> N
                 rdev = _parse_u64(frdev, "RDEV", u64_cache)
             mtime = mtime_get(fmtime)
             if mtime is None:
-                sec, dot, nsec = fmtime.partition(b".")
-                if len(sec) < 19 and len(nsec) < 10 and sec.isdigit() and nsec.isdigit():
-                    sec = int(sec)
-                    nsec = int(nsec)
+                text_sec, _dot, text_nsec = fmtime.partition(b".")
+                if (len(text_sec) < 19 and len(text_nsec) < 10 and text_sec.isdigit()
+                        and text_nsec.isdigit()):
+                    sec = int(text_sec)
+                    nsec = int(text_nsec)
                     if len(mtime_cache) < 1024:  # mtimes that repeat are few; unique ones many
                         mtime_cache[fmtime] = (sec, nsec)
                 else:
@@ -752,7 +753,7 @@ def _resolve_hardlinks(root: Node, dirs: dict[bytes, Node],
         while isinstance(entry, HardLink) and id(entry) not in reaches_node:
             if id(entry) in chain:
                 raise DumpfileError(f"Too many levels of symbolic links: the hardlink to "
-                                    f"{_show(target)} is part of a cycle of hardlinks",
+                                    f"{_show(target or b'')} is part of a cycle of hardlinks",
                                     line=lineno, source=source)
             chain.append(id(entry))
             entry = entry.target
