@@ -34,7 +34,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from mkcfs.errors import CfsError
+from mkcfs.errors import StoreError as _StoreError
 
 #: where ``mkcfs mount`` keeps objects and images unless told otherwise
 DEFAULT_STORE = "/var/lib/mkcfs"
@@ -45,9 +45,9 @@ DIR_MODE = 0o755
 IMAGE_MODE = 0o644
 
 
-class StoreError(CfsError, OSError):
-    """A store that cannot be used; the message is one line naming the path, ``errno`` says
-    why."""
+class StoreError(_StoreError):
+    """The project's ``StoreError`` (a store that cannot be used), made from ``errno`` and a
+    one-line message naming the path."""
 
     def __init__(self, err: int, message: str) -> None:
         OSError.__init__(self, err, message)
