@@ -172,15 +172,9 @@ class FsVerityHasher:
             pending = self._levels[0]
             pos = 0
             if pending:
-                take = min(BLOCK_SIZE - len(pending), n)
-                pending += view[:take]
-                pos = take
-                if len(pending) < BLOCK_SIZE:
+                pos = min(BLOCK_SIZE - len(pending), n)
+                if not self._fill_pending(view[:pos]):
                     return
-                first = _sha256(pending).digest()
-                pending.clear()
-                self._counts[0] += 1
-                self._push(1, first)
             nfull = (n - pos) // BLOCK_SIZE
             if nfull:
                 end = pos + nfull * BLOCK_SIZE
@@ -190,6 +184,19 @@ class FsVerityHasher:
                 self._push(1, hashes)
             if pos < n:
                 pending += view[pos:]
+
+    def _fill_pending(self, chunk: bytes | memoryview) -> bool:
+        """Append ``chunk`` (at most what the partial data block lacks) to that block and hash
+        the block once it is full. Returns whether it was (the partial block is then empty)."""
+        pending = self._levels[0]
+        pending += chunk
+        if len(pending) < BLOCK_SIZE:
+            return False
+        first = _sha256(pending).digest()
+        pending.clear()
+        self._counts[0] += 1
+        self._push(1, first)
+        return True
 
     def update_zeros(self, n: int) -> None:
         """Feed ``n`` zero bytes (a hole) without hashing them: whole zero blocks and whole
@@ -202,14 +209,9 @@ class FsVerityHasher:
         pending = self._levels[0]
         if pending:
             take = min(BLOCK_SIZE - len(pending), n)
-            pending += bytes(take)
             n -= take
-            if len(pending) < BLOCK_SIZE:
+            if not self._fill_pending(bytes(take)):
                 return
-            first = _sha256(pending).digest()
-            pending.clear()
-            self._counts[0] += 1
-            self._push(1, first)
         full, rest = divmod(n, BLOCK_SIZE)
         if full:
             self._counts[0] += full
