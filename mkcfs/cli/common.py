@@ -102,7 +102,8 @@ def load_image_tree(path: str, data: bytes, *, toplevel: list[bytes] | None = No
     from mkcfs.inspect.unflatten import load_tree
 
     try:
-        return load_tree(Image(data), toplevel, hardlinks=hardlinks)
+        # the tools only print the tree or write an image from it: nodes may share xattr dicts
+        return load_tree(Image(data), toplevel, hardlinks=hardlinks, share_xattrs=True)
     except ImageFormatError as exc:
         fail(f"Failed to load '{path}': {exc}")
     except MemoryError:

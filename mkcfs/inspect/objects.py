@@ -59,7 +59,7 @@ def image_objects(image: Image | bytes | bytearray | memoryview,
     damaged image raises :class:`~erofs.errors.ImageFormatError`."""
     from mkcfs.inspect.unflatten import load_tree
 
-    return tree_objects(load_tree(image, toplevel))
+    return tree_objects(load_tree(image, toplevel, share_xattrs=True))
 
 
 def collect_objects(refs: Iterable[ObjectRef]) -> dict[bytes, bytes | None]:

@@ -109,7 +109,8 @@ class _Walk:
 
 
 def load_tree(image: Image | bytes | bytearray | memoryview,
-              toplevel: Iterable[bytes] | None = None, *, hardlinks: str = "first") -> Node:
+              toplevel: Iterable[bytes] | None = None, *, hardlinks: str = "first",
+              share_xattrs: bool = False) -> Node:
     """The tree stored in ``image``.
 
     ``toplevel``, when given, keeps only the root entries with these names (``--filter``).
@@ -123,14 +124,18 @@ def load_tree(image: Image | bytes | bytearray | memoryview,
       order of the inode table), so that writing the tree again gives the same image. With
       ``"first"``, an inode whose first depth-first place is not its breadth-first place moves
       in the rewritten image (the C ``composefs-dump`` and ``composefs-info dump | mkcomposefs``
-      round trips change such images)."""
+      round trips change such images).
+
+    ``share_xattrs``: nodes with the same xattrs (an SELinux label, or none) get one shared
+    dict, which saves a dict per node, for callers that do not change the tree (printing it,
+    writing an image from it)."""
     if hardlinks not in ("first", "writer"):
         raise ValueError(f"hardlinks must be 'first' or 'writer', not {hardlinks!r}")
     if not isinstance(image, Image):
         image = Image(image)
     walk = _Walk(image)
     keep = None if toplevel is None else frozenset(toplevel)
-    build = _make_builder(walk)
+    build = _make_builder(walk, share_xattrs)
     root, root_dir = build(image.root_nid)
     if root is None:
         raise ImageFormatError(image.meta_base + image.root_nid * 32,
@@ -350,13 +355,16 @@ def _dir_entries(walk: _Walk, where: _Extents) -> list[tuple[bytes, int]]:
 _Xattr = tuple[int, bytes, bytes, int]
 
 
-def _make_builder(walk: _Walk) -> Callable[[int], tuple[Node | None, _Extents | None]]:
+def _make_builder(walk: _Walk, share_xattrs: bool = False
+                  ) -> Callable[[int], tuple[Node | None, _Extents | None]]:
     """``build(nid) -> (node, dir_extents)``: the node of inode ``nid`` (without its children).
 
     ``node`` is None for a whiteout (character device 0/0); ``dir_extents`` is, for a
     directory, the argument tuple of ``Image.extents_of`` that locates its entries, else None.
     The reader decodes (with every offset checked); this only maps what it gives onto a node,
-    as ``lcfs_build_node_from_image`` does."""
+    as ``lcfs_build_node_from_image`` does. With ``share_xattrs``, nodes whose xattrs come from
+    the same shared set (and nodes without xattrs) get one dict."""
+    no_xattrs: dict[bytes, bytes] = {}
     image = walk.image
     data = image.data
     nodes = walk.nodes
@@ -452,7 +460,7 @@ def _make_builder(walk: _Walk) -> Callable[[int], tuple[Node | None, _Extents | 
             rdev = i_u
         elif ftype == IFBLK:
             rdev = i_u
-        xattrs: dict[bytes, bytes] = {}
+        xattrs: dict[bytes, bytes] = no_xattrs if share_xattrs else {}
         if xsize:
             budget.bytes_left -= xsize
             if budget.bytes_left < 0:
@@ -464,6 +472,7 @@ def _make_builder(walk: _Walk) -> Callable[[int], tuple[Node | None, _Extents | 
                 shared_entries = entries
                 entries = []
                 add = entries.append
+                sets = False    # does an inline entry set an xattr (else: only payload/digest)
                 for name_index, suffix, value_start, value_end in inline:
                     act = actions[name_index].get(suffix)
                     if act is None:
@@ -472,6 +481,7 @@ def _make_builder(walk: _Walk) -> Callable[[int], tuple[Node | None, _Extents | 
                     action = act[0]
                     if action == A_SET:
                         add((A_SET, act[1], data[value_start:value_end], value_end))
+                        sets = True
                     elif action == A_REDIRECT:
                         add((A_REDIRECT, act[1], redirect_payload(data, value_start, value_end),
                              value_end))
@@ -481,10 +491,18 @@ def _make_builder(walk: _Walk) -> Callable[[int], tuple[Node | None, _Extents | 
                                  value_end))
                     elif action != A_DROP:
                         add((action, act[1], data[value_start:value_end], value_end))
-                entries += shared_entries
+                        sets = True
+                if sets or only_set is None:
+                    entries += shared_entries
+                    xattrs = {}
+                else:
+                    # redirect/metacopy only (an external file): the xattrs are the shared set's
+                    xattrs = only_set if share_xattrs else only_set.copy()
             elif only_set is not None:
                 entries = []
-                xattrs = only_set.copy()
+                xattrs = only_set if share_xattrs else only_set.copy()
+            else:
+                xattrs = {}
             used = 0
             for action, key, value, value_end in entries:
                 if action == A_SET:
