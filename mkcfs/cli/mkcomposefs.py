@@ -13,6 +13,8 @@ The image is written to a temporary file beside IMAGE and renamed into place whe
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 from typing import NoReturn
@@ -179,18 +181,45 @@ def _main(argv: list[str]) -> int:
 
     from mkcfs.build.image import build_image_from
     from mkcfs.fsutil import write_atomically
-    image = build_image_from(load_tree, min_version=min_version, max_version=max_version)
+    # a build into a store holds the store lock until its image is in place (mkcfs.store.lock)
+    held = (_hold_store(opts["digest-store"], None if image_source else source)
+            if "digest-store" in opts and not from_file else None)
+    try:
+        image = build_image_from(load_tree, min_version=min_version, max_version=max_version)
 
-    if image_path == "-":
-        common.write_stdout(image.data)
-    elif image_path is not None:
-        try:
-            write_atomically(image_path, image.data)
-        except OSError as exc:
-            _fail(f"cannot write {image_path}: {exc.strerror or exc}")
+        if image_path == "-":
+            common.write_stdout(image.data)
+        elif image_path is not None:
+            try:
+                write_atomically(image_path, image.data)
+            except OSError as exc:
+                _fail(f"cannot write {image_path}: {exc.strerror or exc}")
+    finally:
+        if held is not None:
+            held.close()
     if print_digest:
         common.write_stdout((image.fsverity_digest().hex() + "\n").encode())
     return 0
+
+
+def _hold_store(path: str, source_dir: str | None) -> contextlib.ExitStack:
+    """The shared lock of the object store ``path`` for the whole build. A missing store is
+    created first, unless it lies inside the source directory (the walk must not see it: the
+    build creates it after the walk, and the lock it takes then is kept)."""
+    from mkcfs.store import lock as store_lock
+
+    held = contextlib.ExitStack()
+    inside = source_dir is not None and (os.path.realpath(path) + "/").startswith(
+        os.path.realpath(source_dir).rstrip("/") + "/")
+    try:
+        if not inside:
+            os.makedirs(path, 0o755, exist_ok=True)
+        held.enter_context(store_lock.retain_shared(path))
+    except FileExistsError:   # exist_ok: it exists and is not a directory
+        _fail(f"cannot fill store {path}: {os.strerror(errno.ENOTDIR)}")
+    except OSError as exc:
+        _fail(f"cannot fill store {path}: {exc.strerror or exc}")
+    return held
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -342,6 +342,7 @@ def _fill_store_after_walk(src: bytes, root: Node, store: ObjectStore, threads: 
     mkcomposefs 1.0.8 does: the walk saw the tree as it was before the build (no store
     directory if there was none, no objects this build adds), so the image is 1.0.8's. Each
     file is read again; one that changed since the walk hashed it is refused."""
+    store.prepare_root()   # created (and locked: mkcfs.store.lock) here, not in a worker
     pool = DigestPool(threads, store)
     checks: list[tuple[bytes, Node, Node]] = []
     try:

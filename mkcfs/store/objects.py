@@ -34,6 +34,10 @@ Safety
   no lock; ``ObjectStore()`` removes those when the store is opened next. A temporary file that is
   locked belongs to a live build and is never touched. (mkcomposefs 1.0.8's own ``.tmpXXXXXX``
   files carry no lock and are left alone.)
+* **gc safety.** An opened store holds the shared store lock (``mkcfs.store.lock``) until
+  ``close()``, so ``mkcfs gc`` cannot remove objects while this build looks them up and adds
+  them; a caller that writes an image referring to them holds its own ``shared()`` lock until
+  the image is in place.
 * fs-verity is enabled on new objects (``fsverity.kernel.enable_verity``) before they get their
   name where the kernel and filesystem support it; the first "not available" answer stops further
   tries, and any other failure only leaves that object without fs-verity.
@@ -57,6 +61,7 @@ from mkcfs.errors import StoreError, WalkError, path_error, walk_error
 from mkcfs.fsutil import LockedTemp, makedirs, remove_created_dirs, remove_stale_temporaries
 from mkcfs.store.reading import (BUFFER_SIZE, CancelFlag, Snapshot, file_changed, hash_fd,
                                  open_source, snapshot)
+from mkcfs.store import lock as store_lock
 
 __all__ = ["ObjectStore", "TEMP_PREFIX", "OBJECT_MODE", "FICLONE"]
 
@@ -119,6 +124,7 @@ class ObjectStore:
         self._reflink: bool | None = None   # unknown until a copy tried it
         self._hit_score = 0.0
         self._local = threading.local()   # per thread: deferred objects waiting for a flush
+        self._store_lock: store_lock.StoreLock | None = None
         if prepare:
             self._check_usable()
 
@@ -154,6 +160,7 @@ class ObjectStore:
             raise self._error(os.strerror(errno.EROFS if readonly else errno.EACCES))
         if probe == os.path.abspath(self.root):
             self._root_ready = True
+            self._hold_store_lock()
             self.clean_stale_temps()
 
     def _makedirs(self, directory: bytes, source: bytes | str | None) -> None:
@@ -169,6 +176,20 @@ class ObjectStore:
         if not self._root_ready:
             self._makedirs(self.root, source)
             self._root_ready = True
+            self._hold_store_lock()
+
+    def prepare_root(self) -> None:
+        """Create the store directory now (and take the store lock), before workers fill it."""
+        self._ensure_root(None)
+
+    def _hold_store_lock(self) -> None:
+        """Builds share the store lock while they add objects (``mkcfs.store.lock``): taken
+        once the store directory exists, kept until ``close()``."""
+        if self._store_lock is None:
+            try:
+                self._store_lock = store_lock.shared(self.root)
+            except OSError as exc:
+                raise self._error(exc) from None
 
     def remove_empty_dirs(self) -> None:
         """After a failed build: remove the directories this view created (``ab/``, the store
@@ -180,6 +201,11 @@ class ObjectStore:
             if self.root in created:
                 self._root_ready = False
         remove_created_dirs(sorted(created, key=len))
+
+    def close(self) -> None:
+        """Release the store lock this view holds (also released when it is collected)."""
+        if self._store_lock is not None:
+            self._store_lock.release()
 
     # -- lookup -------------------------------------------------------------------------------
 
