@@ -10,7 +10,8 @@ imported only when it runs, so ``mkcfs --help`` and every subcommand start fast.
 module provides ``configure(parser)`` (adds its arguments to an ``argparse`` parser whose
 description is the module's ``HELP``) and ``run(args) -> int`` (the exit status). Errors of the
 project (``CfsError``, ``ImageFormatError``, ``OSError``...) become one line
-``mkcfs SUBCOMMAND: message`` and exit 1, through ``common.run``; command-line mistakes are
+``mkcfs SUBCOMMAND: message`` and exit 1 (or the module's ``ERROR_STATUS``, for subcommands
+whose status 1 is an answer, like ``diff``), through ``common.run``; command-line mistakes are
 argparse's usage line and exit 2.
 """
 
@@ -30,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "mount": ("mount", "mount an OCI image or a composefs image (LXC mount helper)"),
     "umount": ("umount", "unmount what `mkcfs mount` mounted"),
     "debug-structs": ("debug_structs", "print every struct of an image with its offset and fields"),
+    "fsck": ("fsck", "check an object store: contents, stray files, missing objects"),
+    "gc": ("gc", "remove the objects no kept image refers to"),
 }
 
 
@@ -63,14 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     module.configure(parser)
 
+    finished: list[int] = []
+
     def body(rest: list[str]) -> int:
         status: int = module.run(parser.parse_args(rest))
+        finished.append(status)
         return status
 
     try:
-        return common.run(f"{PROG} {name}", "", body, argv[1:])
+        status = common.run(f"{PROG} {name}", "", body, argv[1:])
     except SystemExit as exc:   # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
+    if not finished and status == 1:   # an error (one line already printed), not an answer
+        status = getattr(module, "ERROR_STATUS", 1)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

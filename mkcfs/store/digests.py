@@ -36,7 +36,7 @@ from mkcfs.tree import Node
 if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.progress import Progress
 
-__all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch"]
+__all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch", "processes_usable"]
 
 #: a batch handed to one worker holds at most this many files or bytes.
 _BATCH_FILES = 256
@@ -128,7 +128,7 @@ def run_batch(batch: list[tuple[bytes, int]], store: ObjectStore | None,
     return out
 
 
-def _processes_usable() -> bool:
+def processes_usable() -> bool:
     """Fork worker processes only from a process that runs no other thread (the CLI): a fork
     copies the locks other threads hold (in OpenSSL, in stdio...), and a fork server or spawn
     would import the caller's ``__main__`` again."""
@@ -169,7 +169,7 @@ class DigestPool:
         self._cancel: _Event
         self._submit: Callable[[list[tuple[bytes, int]]], Future]
         if processes is None:
-            processes = _processes_usable()
+            processes = processes_usable()
         if processes:
             try:
                 self._start_processes(workers, store)
