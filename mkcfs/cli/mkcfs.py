@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "debug-structs": ("debug_structs", "print every struct of an image with its offset and fields"),
     "fsck": ("fsck", "check an object store: contents, stray files, missing objects"),
     "gc": ("gc", "remove the objects no kept image refers to"),
+    "diff": ("diff", "compare two images, dumpfiles or directories, path by path"),
 }
 
 
