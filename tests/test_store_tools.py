@@ -224,7 +224,7 @@ BUILDER = r"""
 import os, sys
 from pathlib import Path
 from mkcfs.cli import mkcomposefs
-from mkcfs.inspect.objects import image_objects
+from mkcfs.inspect.objects import image_file_objects
 
 name, base, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 store, keep = base / "store", base / "keep"
@@ -236,7 +236,7 @@ for i in range(rounds):
     (src / "own").write_bytes(b"%s %d " % (name.encode(), i) * 30)
     image = keep / f"{name}-{i}"
     assert mkcomposefs.main([f"--digest-store={store}", "--threads=1", str(src), str(image)]) == 0
-    missing = [o for o in image_objects(image) if not (store / os.fsdecode(o)).exists()]
+    missing = [o for o in image_file_objects(image) if not (store / os.fsdecode(o)).exists()]
     if missing:
         sys.exit(f"{image}: lost {len(missing)} objects right after the build")
     if i >= 1:   # drop the previous image: its objects become garbage, and are reused soon

@@ -8,6 +8,7 @@ same list with the digests. This module is that list, for any caller:
 
 * :func:`tree_objects` / :func:`image_objects`: ``(path, digest)`` of every external file of a
   tree or image, each inode once;
+* :func:`image_file_objects`: the set of backing paths of an image file;
 * :func:`collect_objects`: the union over several images, path -> digest;
 * :func:`object_present` / :func:`missing_objects`: which paths none of one or more base
   directories holds.
@@ -23,7 +24,8 @@ from erofs.reader import Image
 
 from mkcfs.tree import S_IFMT, S_IFREG, Node
 
-__all__ = ["ObjectRef", "tree_objects", "image_objects", "collect_objects", "object_present",
+__all__ = ["ObjectRef", "tree_objects", "image_objects", "image_file_objects", "collect_objects",
+           "object_present",
            "missing_objects"]
 
 
@@ -60,6 +62,13 @@ def image_objects(image: Image | bytes | bytearray | memoryview,
     from mkcfs.inspect.unflatten import load_tree
 
     return tree_objects(load_tree(image, toplevel, share_xattrs=True))
+
+
+def image_file_objects(path: str | bytes | os.PathLike) -> set[bytes]:
+    """The distinct backing paths the image file at ``path`` refers to (what ``mkcfs fsck``
+    checks and ``mkcfs gc`` keeps). ``OSError`` when it cannot be read, ``ImageFormatError``
+    (an offset, not the file: callers name it) when it is damaged."""
+    return {ref.path for ref in image_objects(Image.open(path))}
 
 
 def collect_objects(refs: Iterable[ObjectRef]) -> dict[bytes, bytes | None]:

@@ -31,7 +31,7 @@ from functools import partial
 from erofs.errors import ImageFormatError
 from fsverity import object_path
 
-from mkcfs.inspect.objects import image_objects
+from mkcfs.inspect.objects import image_file_objects
 from mkcfs.store import lock as store_lock
 from mkcfs.store.digests import Cancelled, digest_path, processes_usable
 from mkcfs.store.layout import QUARANTINE_NAME, StoreLayout
@@ -267,7 +267,7 @@ def _check(layout: StoreLayout, root: bytes, images: list[str] | None, workers: 
     report.images = len(images)
     for image in images:
         try:
-            refs = image_objects(image)
+            refs = image_file_objects(image)
         except (OSError, ImageFormatError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             problems.append(Problem("bad-image", image, f"cannot be read: {reason}"))

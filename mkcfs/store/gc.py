@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from erofs.errors import ImageFormatError
 
 from mkcfs.errors import CfsError
-from mkcfs.inspect.objects import image_objects
+from mkcfs.inspect.objects import image_file_objects
 from mkcfs.store import lock as store_lock
 from mkcfs.store.fsck import scan_store
 from mkcfs.store.layout import StoreLayout, image_files
@@ -86,7 +86,7 @@ def _collect(layout: StoreLayout, root: bytes, keep: list[str], keep_dirs: list[
     referenced: set[bytes] = set()
     for number, image in enumerate(keep + listed):
         try:
-            referenced |= image_objects(image)
+            referenced |= image_file_objects(image)
         except FileNotFoundError:
             if number < len(keep):
                 raise CfsError(f"kept image {image} does not exist; nothing removed") from None

@@ -17,6 +17,8 @@ Building (``ensure_image``) is crash-safe and done once:
 
 * the build runs under an exclusive ``flock`` of ``images/.NAME.lock``, so of two processes that
   want the same image at once one builds and the other waits, then finds the image;
+* the build holds the store lock (``mkcfs.store.lock``, shared) until its image is in place, so
+  ``mkcfs gc`` (which keeps ``images/*``) never removes the objects of a finished image;
 * objects reach their names only complete and durable (``ObjectStore``), and the image is
   written to a temporary file, fsync'ed and renamed into place only after all its objects are
   durable: a build killed at any moment (SIGKILL included) leaves no image under its name, only
@@ -112,14 +114,18 @@ class ManagedStore:
         with self._build_lock(name):
             if os.path.isfile(path):      # built by the process we waited for
                 return path, False
-            data = build(self.objects)
-            # the import is here: write_atomically is the project's temp + rename protocol
-            from mkcfs.fsutil import write_atomically
-            try:
-                write_atomically(path, data, mode=IMAGE_MODE, durable=True)
-            except OSError as exc:
-                raise StoreError(exc.errno or errno.EIO,
-                                 f"cannot write image {path}: {exc.strerror or exc}") from None
+            # the store lock, shared, from the first object until the image is in place: a
+            # concurrent `mkcfs gc` keeps images/* and cannot remove this build's objects
+            from mkcfs.store import lock as store_lock
+            with store_lock.shared(self.objects):
+                data = build(self.objects)
+                # the import is here: write_atomically is the project's temp + rename protocol
+                from mkcfs.fsutil import write_atomically
+                try:
+                    write_atomically(path, data, mode=IMAGE_MODE, durable=True)
+                except OSError as exc:
+                    raise StoreError(exc.errno or errno.EIO,
+                                     f"cannot write image {path}: {exc.strerror or exc}") from None
         return path, True
 
     @contextlib.contextmanager
