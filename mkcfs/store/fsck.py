@@ -33,7 +33,8 @@ from fsverity import object_path
 
 from mkcfs.inspect.objects import image_file_objects
 from mkcfs.store import lock as store_lock
-from mkcfs.store.digests import Cancelled, digest_path, processes_usable
+from mkcfs.store.digests import digest_path, processes_usable
+from mkcfs.store.reading import Cancelled
 from mkcfs.store.layout import QUARANTINE_NAME, StoreLayout
 
 __all__ = ["Problem", "FsckReport", "fsck", "OBJECT_NAME", "is_object_dir_name",
