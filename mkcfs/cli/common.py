@@ -35,10 +35,13 @@ class UsageError(CfsError):
         self.usage = usage
 
 
-def parse_long_options(argv: Sequence[str], options: dict[str, bool],
+def parse_long_options(argv: Sequence[str], options: dict[str, bool | None],
                        repeated: dict[str, list[str]] | None = None
                        ) -> tuple[dict[str, str], list[str]]:
     """Parse ``--name``, ``--name=value`` and ``--name value`` like ``getopt_long``.
+
+    ``options`` maps each name to whether it takes a value: True (required), False (none) or
+    None (optional: only as ``--name=value``, like getopt's ``optional_argument``).
 
     Unique abbreviations are accepted; options may follow positional arguments; ``--`` ends
     option parsing; a lone ``-`` is a positional argument. Returns ``(options, positionals)``;
@@ -70,7 +73,9 @@ def parse_long_options(argv: Sequence[str], options: dict[str, bool],
             raise UsageError(f"option '--{name}' is ambiguous; possibilities: "
                              + " ".join("--" + m for m in sorted(matches)), usage=True)
         full = matches[0]
-        if options[full]:
+        if options[full] is None:
+            opts[full] = value
+        elif options[full]:
             if not eq:
                 if i >= len(argv):
                     raise UsageError(f"option '--{full}' needs a value", usage=True)

@@ -65,16 +65,19 @@ options:
                         image source: the platform to take from a multi-platform image
                         (default: this machine's)
   --layer=FILE          a layer tar to apply (repeat in order; '-' is standard input)
+  --stats[=json]        print a build summary on stderr (entries by type, inline and
+                        external files, distinct and new objects, bytes deduplicated,
+                        image size, time); =json: the same as one JSON object
   --help                show this help
 """
 
-OPTIONS = {
-    # name: takes a value
+OPTIONS: dict[str, bool | None] = {
+    # name: takes a value (None: an optional one, --name=value)
     "digest-store": True, "digest-cache": True, "no-digest-cache": False, "use-epoch": False,
     "skip-devices": False, "skip-xattrs": False,
     "user-xattrs": False, "hardlinks": False, "print-digest": False, "print-digest-only": False,
     "from-file": False, "min-version": True, "max-version": True, "threads": True, "help": False,
-    "platform": True, "layer": True,
+    "platform": True, "layer": True, "stats": None,
 }
 
 
@@ -113,6 +116,12 @@ def _main(argv: list[str]) -> int:
             _fail(f"Invalid threads count {opts['threads']}")
     if "user-xattrs" in opts and "skip-xattrs" in opts:
         _fail("--user-xattrs and --skip-xattrs cannot be used together")
+    stats = None
+    if "stats" in opts:
+        if opts["stats"] not in ("", "json"):
+            _fail(f"Invalid --stats format '{opts['stats']}' (--stats or --stats=json)")
+        from mkcfs.build.stats import BuildStats
+        stats = BuildStats()
 
     if layers:
         if from_file:
@@ -182,10 +191,11 @@ def _main(argv: list[str]) -> int:
     from mkcfs.build.image import build_image_from
     from mkcfs.fsutil import write_atomically
     # a build into a store holds the store lock until its image is in place (mkcfs.store.lock)
-    held = (_hold_store(opts["digest-store"], None if image_source else source)
-            if "digest-store" in opts and not from_file else None)
+    stores = "digest-store" in opts and not from_file
+    held = _hold_store(opts["digest-store"], None if image_source else source) if stores else None
     try:
-        image = build_image_from(load_tree, min_version=min_version, max_version=max_version)
+        image = build_image_from(load_tree if stats is None else _counted(load_tree, stats),
+                                 min_version=min_version, max_version=max_version)
 
         if image_path == "-":
             common.write_stdout(image.data)
@@ -197,9 +207,33 @@ def _main(argv: list[str]) -> int:
     finally:
         if held is not None:
             held.close()
+    if stats is not None:
+        if stores:
+            stats.count_store(opts["digest-store"])
+        stats.finish(len(image.data), image.version)
+        _print_stats(stats, opts["stats"] == "json")
     if print_digest:
         common.write_stdout((image.fsverity_digest().hex() + "\n").encode())
     return 0
+
+
+def _counted(load_tree, stats):
+    """``load_tree`` that also counts the tree into ``stats`` before it is flattened."""
+    def load_and_count():
+        tree = load_tree()
+        stats.count_tree(tree)
+        return tree
+    return load_and_count
+
+
+def _print_stats(stats, as_json: bool) -> None:
+    """The build summary goes to stderr: stdout carries the image (``-``) and the digest."""
+    if as_json:
+        import json
+        sys.stderr.write(json.dumps(stats.as_dict(), separators=(",", ":")) + "\n")
+    else:
+        sys.stderr.write("".join(f"{PROG}: {line}\n" for line in stats.lines()))
+    sys.stderr.flush()
 
 
 def _hold_store(path: str, source_dir: str | None) -> contextlib.ExitStack:
