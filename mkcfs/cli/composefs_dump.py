@@ -32,7 +32,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return common.run(PROG, "", _main, argv)
 
 
+HELP = f"""\
+{USAGE}
+Read the composefs image SRC and write it again as DEST, with the format version recorded in
+SRC's header and every hard-linked inode where the writer numbered it: for every image
+mkcomposefs writes, DEST is byte-identical to SRC. DEST is written to a temporary file and
+renamed into place. See composefs-dump(1).
+"""
+
+
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["--help"]:
+        sys.stdout.write(HELP)
+        return 0
     if not argv:
         sys.stderr.write("No source path specified\n" + USAGE)
         raise common.ExitStatus(1)

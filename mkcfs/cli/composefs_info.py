@@ -38,9 +38,29 @@ from mkcfs.inspect.objects import missing_objects, tree_objects
 PROG = "composefs-info"
 USAGE = (f"usage: {PROG} [--basedir=path] [ls|objects|dump|missing-objects|measure-file] "
          "IMAGES...\n")
-_LONG_OPTIONS = ("basedir", "filter", "writer-order")
-#: options that take no argument (an extension of ours: 1.0.8 has none)
-_FLAG_OPTIONS = ("writer-order",)
+_LONG_OPTIONS = ("basedir", "filter", "writer-order", "help")
+#: options that take no argument (extensions of ours: 1.0.8 has none)
+_FLAG_OPTIONS = ("writer-order", "help")
+HELP = f"""\
+usage: {PROG} [OPTIONS] {{ls|dump|objects|missing-objects}} IMAGE...
+       {PROG} measure-file FILE...
+
+  ls               every entry below the root: path (directories end in '/'), '-> TARGET' for
+                   symlinks, '@ BACKING-PATH' for files whose data is in the object store
+  dump             the tree as a composefs-dump(5) file (mkcomposefs --from-file reads it)
+  objects          the backing paths of all the images' external files, sorted, each once
+  missing-objects  the same, without those present under --basedir
+  measure-file     the fs-verity digest of each FILE (the kernel's, else computed)
+
+options:
+  --basedir=PATH   the object store missing-objects looks in
+  --filter=NAME    only the root entries called NAME (repeatable)
+  --writer-order   hard-linked inodes where the writer numbered them (dump rebuilds the
+                   identical image)
+  --help           show this help
+
+Output is byte-identical to composefs-info 1.0.8. See composefs-info(1).
+"""
 
 
 
@@ -88,6 +108,9 @@ def _parse_args(argv: list[str]) -> tuple[str | None, list[bytes], list[str], bo
             if option in _FLAG_OPTIONS:
                 if eq:
                     _getopt_error(f"option '--{option}' doesn't allow an argument")
+                if option == "help":
+                    sys.stdout.write(HELP)
+                    raise common.ExitStatus(0)
                 writer_order = True
                 continue
             if not eq:
