@@ -66,6 +66,7 @@ def built(tmp_path):
 
 def test_fsck_clean_store(built, capsys):
     _src, store, image = built
+    assert (store / ".mkcfs-digest-cache").is_file()   # the builds' digest cache: a known file
     status, out, err = mkcfs("fsck", str(store), str(image), capsys=capsys)
     assert (status, out) == (0, "")
     assert "6 objects" in err and "0 problems" in err

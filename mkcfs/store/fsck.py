@@ -5,7 +5,8 @@
   threads where forking is not safe, see ``mkcfs.store.digests``).
 * **Nothing stray**: the object-store directory holds only ``ab/`` directories of objects (two
   lowercase hex digits / 62 lowercase hex digits, regular files), the temporary files of builds
-  (``.tmp-*`` of ours, ``.tmpXXXXXX`` of mkcomposefs 1.0.8) and ``.quarantine/``.
+  (``.tmp-*`` of ours, ``.tmpXXXXXX`` of mkcomposefs 1.0.8), the digest cache of directory
+  builds (``.mkcfs-digest-cache``, ``mkcfs.store.cache``) and ``.quarantine/``.
 * **Nothing missing**: every object the given images (by default the images a managed store
   keeps) refer to is present.
 
@@ -33,6 +34,7 @@ from fsverity import object_path
 
 from mkcfs.inspect.objects import image_file_objects
 from mkcfs.store import lock as store_lock
+from mkcfs.store.cache import STORE_CACHE_NAME
 from mkcfs.store.digests import digest_path, processes_usable
 from mkcfs.store.reading import Cancelled
 from mkcfs.store.layout import QUARANTINE_NAME, StoreLayout
@@ -56,6 +58,15 @@ def is_temporary_name(name: bytes) -> bool:
     """A build's temporary file in the store root: ours (``.tmp-PID-RANDOM``, locked while its
     writer lives) or mkcomposefs 1.0.8's (``.tmpXXXXXX``)."""
     return name.startswith(b".tmp")
+
+
+_CACHE = STORE_CACHE_NAME.encode()
+
+
+def _is_cache_name(name: bytes) -> bool:
+    """The digest cache a build keeps in the store (``mkcfs.store.cache``), or the
+    ``.NAME.*.tmp`` file it is rewritten through."""
+    return name == _CACHE or (name.startswith(b"." + _CACHE + b".") and name.endswith(b".tmp"))
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,8 @@ def scan_store(objects_dir: str | bytes) -> StoreScan:
             scan.temporaries.append(name)
         elif name == QUARANTINE_NAME.encode() and stat.S_ISDIR(mode):
             continue
+        elif _is_cache_name(name) and stat.S_ISREG(mode):
+            continue   # the digest cache of directory builds, or its temporary file
         else:
             scan.strays.append((name, f"not an object directory ({_kind(mode)})"))
     return scan
