@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise SystemExit(ERROR_STATUS)
     layout = resolve_store(args.store)
-    shown = None if args.json else _FsckProgress.for_stream()
-    progress = shown if isinstance(shown, _FsckProgress) else None
+    # drawn from a thread started only once the listing is done (after the worker processes
+    # are forked: fork and threads do not mix)
+    progress = None if args.json or not sys.stderr.isatty() else _FsckProgress(sys.stderr)
     try:
         report = fsck(layout, args.images or None, repair=args.repair, workers=workers,
                       on_progress=None if progress is None else progress.add_files,
@@ -83,6 +84,7 @@ class _FsckProgress(Progress):
 
     def set_total(self, files: int, nbytes: int) -> None:
         self.total_files, self.total_bytes = files, nbytes
+        self.start()
 
     def line(self) -> str:
         percent = 100 * self.bytes / self.total_bytes if self.total_bytes else 0.0

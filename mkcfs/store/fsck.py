@@ -182,11 +182,17 @@ def _hash_batch(root: bytes, batch: list[tuple[bytes, int]]) -> list[tuple[bytes
 
 
 def _executor(workers: int) -> Executor:
+    """Worker processes, all forked now (while this process runs no other thread: call it
+    first), or threads where forking is not safe (``processes_usable``)."""
     if processes_usable():
         import multiprocessing
 
         try:
-            return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            # one process is forked per submit that finds no idle worker: fork them all now
+            for warm in [pool.submit(int) for _ in range(workers)]:
+                warm.result()
+            return pool
         except (OSError, ValueError):   # pragma: no cover - no /dev/shm
             pass
     return ThreadPoolExecutor(workers, thread_name_prefix="mkcfs-fsck")
@@ -210,33 +216,32 @@ def _report_batch(on_progress: Callable[[int, int], None], files: int, nbytes: i
     on_progress(files, nbytes)
 
 
-def check_objects(root: bytes, objects: list[tuple[bytes, int]], workers: int,
+def check_objects(root: bytes, objects: list[tuple[bytes, int]], pool: Executor,
                   on_progress: Callable[[int, int], None] | None = None
                   ) -> tuple[list[Problem], dict[bytes, bytes]]:
-    """Hash every object (``workers`` in parallel) and report those whose content does not
-    match their name or that cannot be read; also returns, for each of the former, the name
-    its content should have -> its path. ``on_progress(files, bytes)`` after each batch."""
+    """Hash every object (on ``pool``) and report those whose content does not match their
+    name or that cannot be read; also returns, for each of the former, the name its content
+    should have -> its path. ``on_progress(files, bytes)`` after each batch."""
     problems: list[Problem] = []
     holds: dict[bytes, bytes] = {}
     if not objects:
         return problems, holds
-    with _executor(workers) as pool:
-        pending: list[tuple[Future, list[tuple[bytes, int]]]] = []
-        for batch in _batches(objects):
-            future = pool.submit(_hash_batch, root, batch)
-            if on_progress is not None:
-                future.add_done_callback(partial(_report_batch, on_progress, len(batch),
-                                                 sum(size for _, size in batch)))
-            pending.append((future, batch))
-        for future, batch in pending:
-            for (rel, _size), (digest, error) in zip(batch, future.result()):
-                shown = os.fsdecode(rel)
-                if error:
-                    problems.append(Problem("unreadable", shown, error))
-                elif (name := object_path(digest).encode()) != rel:
-                    problems.append(Problem("corrupt", shown,
-                                            f"content has digest {digest.hex()}"))
-                    holds.setdefault(name, rel)
+    pending: list[tuple[Future, list[tuple[bytes, int]]]] = []
+    for batch in _batches(objects):
+        future = pool.submit(_hash_batch, root, batch)
+        if on_progress is not None:
+            future.add_done_callback(partial(_report_batch, on_progress, len(batch),
+                                             sum(size for _, size in batch)))
+        pending.append((future, batch))
+    for future, batch in pending:
+        for (rel, _size), (digest, error) in zip(batch, future.result()):
+            shown = os.fsdecode(rel)
+            if error:
+                problems.append(Problem("unreadable", shown, error))
+            elif (name := object_path(digest).encode()) != rel:
+                problems.append(Problem("corrupt", shown,
+                                        f"content has digest {digest.hex()}"))
+                holds.setdefault(name, rel)
     return problems, holds
 
 
@@ -249,19 +254,23 @@ def fsck(layout: StoreLayout, images: list[str] | None = None, *, repair: bool =
     have all their objects. ``on_scanned(objects, bytes)`` once the listing is done."""
     start = time.monotonic()
     root = os.fsencode(layout.objects)
-    held = store_lock.exclusive(root) if repair else store_lock.shared(root)
+    pool = _executor(workers)   # first: the callbacks may start a progress thread
     try:
-        report = _check(layout, root, images, workers, on_progress, on_scanned)
-        if repair:
-            _repair(root, report)
+        held = store_lock.exclusive(root) if repair else store_lock.shared(root)
+        try:
+            report = _check(layout, root, images, pool, on_progress, on_scanned)
+            if repair:
+                _repair(root, report)
+        finally:
+            assert held is not None
+            held.release()
     finally:
-        assert held is not None
-        held.release()
+        pool.shutdown(cancel_futures=True)
     report.seconds = time.monotonic() - start
     return report
 
 
-def _check(layout: StoreLayout, root: bytes, images: list[str] | None, workers: int,
+def _check(layout: StoreLayout, root: bytes, images: list[str] | None, pool: Executor,
            on_progress: Callable[[int, int], None] | None,
            on_scanned: Callable[[int, int], None] | None) -> FsckReport:
     report = FsckReport()
@@ -272,7 +281,7 @@ def _check(layout: StoreLayout, root: bytes, images: list[str] | None, workers: 
     if on_scanned is not None:
         on_scanned(report.objects, report.bytes)
     problems = [Problem("stray", os.fsdecode(rel), why) for rel, why in scan.strays]
-    bad, holds = check_objects(root, scan.objects, workers, on_progress)
+    bad, holds = check_objects(root, scan.objects, pool, on_progress)
     problems += bad
     present = {rel for rel, _ in scan.objects}
     needed_by: dict[bytes, str] = {}
