@@ -212,6 +212,7 @@ def test_gc_removes_stale_temporaries_only(built, tmp_path):
 
 
 def test_gc_waits_for_a_build_holding_the_lock(built):
+    """A shared lock (a build) keeps the exclusive one (gc) away, and only while held."""
     _src, store, image = built
     build_lock = store_lock.shared(str(store))
     assert store_lock.exclusive(str(store), wait=False) is None
@@ -276,3 +277,21 @@ def test_builds_racing_with_gc_never_lose_an_object(tmp_path):
     assert [p.name for p in images] == [f"a-{rounds - 1}", f"b-{rounds - 1}"]
     status = group.main(["fsck", str(tmp_path / "store"), *map(str, images)])
     assert status == 0
+
+
+def test_lock_of_a_store_created_during_the_build_is_kept_to_the_end(tmp_path):
+    """A build into a store that does not exist yet: the lock its ObjectStore takes when it
+    creates the directory outlives the ObjectStore, up to the end of ``retain_shared``."""
+    from mkcfs.store.objects import ObjectStore
+
+    store = tmp_path / "new-store"
+    with store_lock.retain_shared(str(store)):
+        objects = ObjectStore(str(store))
+        assert not store.exists()
+        objects.prepare_root()
+        objects.close()
+        del objects
+        assert store_lock.exclusive(str(store), wait=False) is None
+    held = store_lock.exclusive(str(store), wait=False)
+    assert held is not None
+    held.release()
