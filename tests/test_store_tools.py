@@ -295,3 +295,21 @@ def test_lock_of_a_store_created_during_the_build_is_kept_to_the_end(tmp_path):
     held = store_lock.exclusive(str(store), wait=False)
     assert held is not None
     held.release()
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_build_that_creates_the_store_keeps_its_lock(tmp_path, inside):
+    """The store does not exist when the build starts (beside the source, or inside it and
+    filled after the walk): it is created by this process, whose lock outlives the walk."""
+    from mkcfs.sources.walk import WalkOptions, walk_directory
+
+    src = tmp_path / "src"
+    make_tree(src, 5)
+    store = (src if inside else tmp_path) / "new-store"
+    with store_lock.retain_shared(str(store)):
+        walk_directory(src, WalkOptions(digest_store=store, threads=2, progress=False))
+        assert len(store_objects(store)) == 6
+        assert store_lock.exclusive(str(store), wait=False) is None
+    held = store_lock.exclusive(str(store), wait=False)
+    assert held is not None
+    held.release()

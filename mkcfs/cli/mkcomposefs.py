@@ -14,7 +14,6 @@ The image is written to a temporary file beside IMAGE and renamed into place whe
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import sys
 from typing import NoReturn
@@ -192,7 +191,7 @@ def _main(argv: list[str]) -> int:
     from mkcfs.fsutil import write_atomically
     # a build into a store holds the store lock until its image is in place (mkcfs.store.lock)
     stores = "digest-store" in opts and not from_file
-    held = _hold_store(opts["digest-store"], None if image_source else source) if stores else None
+    held = _hold_store(opts["digest-store"]) if stores else None
     try:
         image = build_image_from(load_tree if stats is None else _counted(load_tree, stats),
                                  min_version=min_version, max_version=max_version)
@@ -236,23 +235,13 @@ def _print_stats(stats, as_json: bool) -> None:
     sys.stderr.flush()
 
 
-def _hold_store(path: str, source_dir: str | None) -> contextlib.ExitStack:
-    """The shared lock of the object store ``path`` for the whole build. A missing store is
-    created first, unless it lies inside the source directory (the walk must not see it: the
-    build creates it after the walk, and the lock it takes then is kept)."""
+def _hold_store(path: str) -> contextlib.ExitStack:
+    """The shared lock of the object store ``path`` for the whole build: taken now when the
+    store exists, else kept from when the build creates it (at its first object) on."""
     from mkcfs.store import lock as store_lock
 
     held = contextlib.ExitStack()
-    inside = source_dir is not None and (os.path.realpath(path) + "/").startswith(
-        os.path.realpath(source_dir).rstrip("/") + "/")
-    try:
-        if not inside:
-            os.makedirs(path, 0o755, exist_ok=True)
-        held.enter_context(store_lock.retain_shared(path))
-    except FileExistsError:   # exist_ok: it exists and is not a directory
-        _fail(f"cannot fill store {path}: {os.strerror(errno.ENOTDIR)}")
-    except OSError as exc:
-        _fail(f"cannot fill store {path}: {exc.strerror or exc}")
+    held.enter_context(store_lock.retain_shared(path))
     return held
 
 

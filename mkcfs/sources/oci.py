@@ -615,6 +615,9 @@ def load_image_tree(source: str | ImageSource, options: OciOptions | None = None
             if store is not None:
                 store.discard_pending()
             raise
+        finally:
+            if store is not None:
+                store.close()   # its store lock; a caller writing the image holds its own
         return ImageTree(merger.finish(), manifest_digest, config_digest)
     finally:
         if files is not None:

@@ -325,8 +325,13 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     finally:
         if progress is not None:
             progress.close()
+        if store is not None:
+            store.close()   # its store lock; a caller that writes an image holds its own
     if store_after_walk is not None:
-        _fill_store_after_walk(src, root, store_after_walk, threads)
+        try:
+            _fill_store_after_walk(src, root, store_after_walk, threads)
+        finally:
+            store_after_walk.close()
     return root
 
 

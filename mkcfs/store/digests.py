@@ -168,6 +168,10 @@ class DigestPool:
         self._executor: Executor | None = None
         self._cancel: _Event
         self._submit: Callable[[list[tuple[bytes, int]]], Future]
+        #: the store whose directory this process creates (and locks: mkcfs.store.lock) before
+        #: the first batch that may store an object goes to a worker
+        self._store_to_prepare = store
+        self._prepared: ObjectStore | None = None
         if processes is None:
             processes = processes_usable()
         if processes:
@@ -216,6 +220,9 @@ class DigestPool:
         self._aliases.append((node, primary))
 
     def _flush(self) -> None:
+        if self._store_to_prepare is not None and any(size > INLINE_MAX for _, size in self._batch):
+            self._store_to_prepare.prepare_root()
+            self._prepared, self._store_to_prepare = self._store_to_prepare, None
         if self._batch:
             future = self._submit(self._batch)
             future.add_done_callback(partial(self._done, len(self._batch), self._batch_bytes))
@@ -261,6 +268,7 @@ class DigestPool:
             self._shutdown()
         if self._error is not None:
             raise self._error
+        self._prepared = self._store_to_prepare = None   # the caller closes the store
         for node, primary in self._aliases:
             node.content = primary.content
             node.digest = primary.digest
@@ -270,6 +278,9 @@ class DigestPool:
         """Stop: drop queued work, let running batches end at their current file."""
         self._fail(Cancelled("cancelled"))
         self._shutdown()
+        if self._prepared is not None:   # the store directory it created, if still empty
+            self._prepared.remove_empty_dirs()
+        self._prepared = self._store_to_prepare = None
 
     def _shutdown(self) -> None:
         if not self._closed and self._executor is not None:

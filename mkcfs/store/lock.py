@@ -15,10 +15,10 @@ Protocol
   directory exists (when opened, or when it creates the directory for its first object) and
   holds it until ``close()``; a build holds it longer than its ``ObjectStore`` lives:
   ``retain_shared(store)`` around the walk *and* the image write (the ``mkcomposefs`` CLI,
-  ``ManagedStore.ensure_image``). The CLI creates a missing store before the walk (unless the
-  store lies inside the source tree, which the walk must see as it was: then the parent process
-  creates it after the walk, before its workers fill it), so no worker process is ever the only
-  holder of the lock for objects the image will need.
+  ``ManagedStore.ensure_image``). A missing store is created by the build's own process, not
+  by a worker (``DigestPool`` before the first batch that may store an object; the walk before
+  it fills a store that lies inside the source tree), so the lock it takes then is retained:
+  no worker process is ever the only holder of the lock for objects the image will need.
 * **Removers** (``mkcfs gc``, ``mkcfs fsck --repair``) hold ``exclusive(store)`` while they decide
   what to remove and remove it; ``gc`` lists and reads its kept images *after* taking the lock.
 * Nothing else removes or renames objects. (Plain ``mkcfs fsck`` holds the shared lock: it only
