@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from mkcfs.errors import StoreError as _StoreError
+from mkcfs.store.layout import IMAGES_NAME, OBJECTS_NAME
 
 #: where ``mkcfs mount`` keeps objects and images unless told otherwise
 DEFAULT_STORE = "/var/lib/mkcfs"
@@ -82,8 +83,8 @@ class ManagedStore:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
-        self.objects = os.path.join(self.root, "objects")
-        self.images = os.path.join(self.root, "images")
+        self.objects = os.path.join(self.root, OBJECTS_NAME)
+        self.images = os.path.join(self.root, IMAGES_NAME)
         self.mounts = os.path.join(self.root, "mounts")
 
     def image_path(self, name: str) -> str:
