@@ -36,18 +36,13 @@ from .format import (
     EROFS_SUPER_OFFSET,
     LCFS_MAX_NONINLINE_CHUNKS,
     LCFS_MAX_SHARED_XATTRS,
-    S_IFBLK,
-    S_IFCHR,
-    S_IFDIR,
-    S_IFLNK,
-    S_IFMT,
-    S_IFREG,
     SUPER_BLOCK,
     XATTR_ENTRY,
     round_up,
     xattr_filter_bit,
     xattr_prefix_split,
 )
+from .format import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG  # file type bits
 
 #: where the inode table starts: right after the superblock.
 INODES_START = EROFS_SUPER_OFFSET + SUPER_BLOCK.size

@@ -42,17 +42,12 @@ from .format import (
     INODE_EXTENDED,
     LCFS_EROFS_MAGIC,
     LCFS_EROFS_VERSION,
-    S_IFBLK,
-    S_IFCHR,
-    S_IFDIR,
-    S_IFLNK,
-    S_IFMT,
-    S_IFREG,
     SUPER_BLOCK,
     XATTR_ENTRY,
     XATTR_IBODY_HEADER,
     XATTR_INDEX_PREFIX,
 )
+from .format import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG  # file type bits
 
 __all__ = ["Image", "Inode", "XattrEntry", "WorkBudget", "ImageFormatError", "Header",
            "read_header", "read_superblock", "xattr_key", "HEADER_AREA_SIZE", "S_IFMT", "S_IFDIR",

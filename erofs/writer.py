@@ -31,18 +31,11 @@ from .format import (
     LCFS_EROFS_FLAGS_HAS_ACL,
     LCFS_EROFS_MAGIC,
     LCFS_EROFS_VERSION,
-    S_IFBLK,
-    S_IFCHR,
-    S_IFDIR,
-    S_IFIFO,
-    S_IFLNK,
-    S_IFMT,
-    S_IFREG,
-    S_IFSOCK,
     SUPER_BLOCK,
     XATTR_ENTRY,
     XATTR_IBODY_HEADER,
 )
+from .format import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK  # file type bits
 from .layout import INODES_START, ImagePlan, InodeRecord, plan_image
 
 _FILE_TYPES = {

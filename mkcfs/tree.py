@@ -15,17 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-# the file type bits, from their one home (POSIX's, as in ``stat``)
-from erofs.format import (  # noqa: F401  (re-exported for the tree's users)
-    S_IFBLK,
-    S_IFCHR,
-    S_IFDIR,
-    S_IFIFO,
-    S_IFLNK,
-    S_IFMT,
-    S_IFREG,
-    S_IFSOCK,
-)
+# the file type bits, from their one home (POSIX's, as in ``stat``); re-exported for the tree's users
+from erofs.format import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK  # noqa: F401
 
 from mkcfs.errors import BuildInputError
 
