@@ -23,7 +23,9 @@ decode that layout).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
 
 from .errors import LayoutError
 from .format import (
@@ -199,11 +201,8 @@ def _min_mtime(records: list[InodeRecord]) -> tuple[int, int]:
 def plan_image(records: list[InodeRecord]) -> ImagePlan:
     """Lay out ``records`` (BFS order, root first) exactly as mkcomposefs 1.0.8 would."""
     # --- shared xattrs: count identical (key, value) pairs over all inodes ---------------------
-    counts: dict[tuple[bytes, bytes], int] = {}
-    for rec in records:
-        for pair in rec.xattrs:
-            n = counts.get(pair)
-            counts[pair] = 1 if n is None else n + 1
+    # (Counter counts in C: half the time of a Python loop, which the 2M-entry build felt)
+    counts = Counter(chain.from_iterable([rec.xattrs for rec in records]))
     shared_pairs = sorted((p for p, n in counts.items() if n > 1),
                           key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
     del counts
@@ -285,27 +284,21 @@ def plan_image(records: list[InodeRecord]) -> ImagePlan:
         xsize = 0
         xattrs = rec.xattrs
         if xattrs:
+            inline = xattrs
             inline_size = 0
-            any_shared = False
-            for pair in xattrs:
+            for i, pair in enumerate(xattrs):
                 ki = get_key_info(pair[0]) or split_key(pair[0])
                 name_filter |= ki[2]
-                inline_size += (7 + len(ki[1]) + len(pair[1])) & ~3
-                if get_shared(pair) is not None:
-                    any_shared = True
-            if any_shared:
-                shared = []
-                inline = []
-                inline_size = 0
-                for pair in xattrs:
-                    shared_info = get_shared(pair)
-                    if shared_info is not None and len(shared) < LCFS_MAX_SHARED_XATTRS:
-                        shared.append(shared_info)
-                    else:
+                shared_info = get_shared(pair) if shared_infos else None
+                if shared_info is not None and len(shared) < LCFS_MAX_SHARED_XATTRS:
+                    if shared is _NO_SHARED:   # the first shared one: the pairs before it
+                        shared = []            # are inline (until now ``inline`` is the
+                        inline = xattrs[:i]    # record's own list, not a copy)
+                    shared.append(shared_info)
+                else:
+                    if inline is not xattrs:
                         inline.append(pair)
-                        inline_size += (7 + len(key_info[pair[0]][1]) + len(pair[1])) & ~3
-            else:
-                inline = xattrs   # all inline: the record's own list, not a copy
+                    inline_size += (7 + len(ki[1]) + len(pair[1])) & ~3
             xsize = 12 + 4 * len(shared) + inline_size
             name_filter = _U32 & ~name_filter
 
