@@ -21,8 +21,9 @@ Scenarios (one table row each per DIR):
 Each command runs once to warm the page cache, then N times (default 5), the tools alternating
 run by run so both see the same machine conditions. Printed per row: the median and min wall
 time, the median peak RSS (GNU time's ``%M`` when /usr/bin/time exists: a child forked from this
-Python process would otherwise be charged this process's pages), and the ratios
-mkcfs / reference of the medians. mkcfs runs as an installed package would (``python -m``,
+Python process would otherwise be charged this process's pages), the median CPU time (user +
+system, workers included; on a shared machine it varies less than the wall time), and the
+ratios mkcfs / reference of the medians. mkcfs runs as an installed package would (``python -m``,
 bytecode cached). Nothing here needs root.
 """
 
@@ -44,8 +45,9 @@ DEFAULT_DIRS = ["/usr/share", "/usr/lib/x86_64-linux-gnu", "/usr"]
 GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
 
 
-def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """``(wall seconds, peak RSS in KiB)`` of one run."""
+def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, int, float]:
+    """``(wall seconds, peak RSS in KiB, CPU seconds)`` of one run (CPU: user + system of the
+    tool and every process it waited for, e.g. mkcfs's digest workers)."""
     if GNU_TIME:
         argv = [GNU_TIME, "-f", "%M", *argv]
     start = time.perf_counter()
@@ -59,7 +61,7 @@ def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {shlex.join(argv)}\n{err}")
     peak = int(err.strip().splitlines()[-1]) if GNU_TIME else usage.ru_maxrss
-    return wall, peak
+    return wall, peak, usage.ru_utime + usage.ru_stime
 
 
 def regular_files(root: str) -> list[str]:
@@ -121,7 +123,7 @@ def main() -> int:
               f"{opts.runs} interleaved runs after one warm-up, options: "
               f"{shlex.join(extra) or '(none)'}")
         print(f"{'directory':26s} {'scenario':10s} {'tool':10s} {'median s':>9s} {'min s':>7s} "
-              f"{'peak MB':>8s}")
+              f"{'peak MB':>8s} {'CPU s':>7s}")
         for directory in opts.dirs:
             for scenario in scenarios:
                 tree = directory
@@ -142,7 +144,7 @@ def main() -> int:
                     time.sleep(3.5)   # let the copy's ctimes age past the cache's racy margin
                 for _name, cmd in tools:   # warm-up (fills the cache)
                     run_once(cmd, env)
-                results: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in tools}
+                results: dict[str, list[tuple[float, int, float]]] = {name: [] for name, _ in tools}
                 rnd = random.Random(1)
                 mismatches = 0
                 for i in range(opts.runs):
@@ -159,14 +161,17 @@ def main() -> int:
                 for name, _ in tools:
                     walls = [r[0] for r in results[name]]
                     peak = statistics.median(r[1] for r in results[name]) / 1024
-                    medians[name] = (statistics.median(walls), peak)
+                    cpu = statistics.median(r[2] for r in results[name])
+                    medians[name] = (statistics.median(walls), peak, cpu)
                     print(f"{directory:26s} {scenario:10s} {name:10s} "
-                          f"{statistics.median(walls):9.2f} {min(walls):7.2f} {peak:8.0f}",
-                          flush=True)
+                          f"{statistics.median(walls):9.2f} {min(walls):7.2f} {peak:8.0f} "
+                          f"{cpu:7.2f}", flush=True)
                 if "reference" in medians:
-                    (ours, our_mem), (ref, ref_mem) = medians["mkcfs"], medians["reference"]
+                    (ours, our_mem, our_cpu) = medians["mkcfs"]
+                    (ref, ref_mem, ref_cpu) = medians["reference"]
                     print(f"{'':26s} {scenario:10s} {'ratio':10s} {ours / ref:8.2f}x "
-                          f"{'':7s} {our_mem / ref_mem:7.2f}x", flush=True)
+                          f"{'':7s} {our_mem / ref_mem:7.2f}x {our_cpu / ref_cpu:6.2f}x",
+                          flush=True)
                 if scenario != "first":
                     print(f"{'':26s} {scenario:10s} images equal to an uncached build: "
                           f"{opts.runs - mismatches}/{opts.runs}", flush=True)

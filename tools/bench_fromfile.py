@@ -73,8 +73,8 @@ def generate_dumpfile(entries: int, seed: int = 1) -> bytes:
 GNU_TIME = shutil.which("time") if Path("/usr/bin/time").exists() else None
 
 
-def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of one run.
+def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (KiB) and CPU seconds (user + system) of one run.
 
     The peak comes from GNU time (/usr/bin/time, Debian package `time`): a child forked from this
     (large) Python process would otherwise be charged this process's pages too."""
@@ -88,11 +88,11 @@ def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd[0]} failed: {err.strip()}")
     peak = int(err.strip().splitlines()[-1]) if GNU_TIME else usage.ru_maxrss
-    return elapsed, peak
+    return elapsed, peak, usage.ru_utime + usage.ru_stime
 
 
 def bench_pair(tools: list[tuple[str, list[str], Path]], dumpfile: Path,
-               runs: int) -> dict[str, tuple[float, int]]:
+               runs: int) -> dict[str, tuple[float, int, float]]:
     """Median wall time and median peak RSS per tool, the tools alternating run by run (so both
     see the same machine conditions)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))   # this checkout, not an installed mkcfs
@@ -104,7 +104,7 @@ def bench_pair(tools: list[tuple[str, list[str], Path]], dumpfile: Path,
     cmds = {label: [*prefix, "--from-file", str(dumpfile), str(out)] for label, prefix, out in tools}
     for cmd in cmds.values():
         run_once(cmd, env)  # warm the page cache and bytecode caches
-    results: dict[str, list[tuple[float, int]]] = {label: [] for label in cmds}
+    results: dict[str, list[tuple[float, int, float]]] = {label: [] for label in cmds}
     for i in range(runs):
         order = list(cmds.items()) if i % 2 == 0 else list(cmds.items())[::-1]
         for label, cmd in order:
@@ -113,9 +113,10 @@ def bench_pair(tools: list[tuple[str, list[str], Path]], dumpfile: Path,
     for label, rows in results.items():
         wall = statistics.median(r[0] for r in rows)
         rss = int(statistics.median(r[1] for r in rows))
+        cpu = statistics.median(r[2] for r in rows)
         print(f"  {label:10s} median {wall:6.3f} s  (min {min(r[0] for r in rows):.3f})  "
-              f"peak {rss / 1024:6.1f} MiB")
-        medians[label] = (wall, rss)
+              f"peak {rss / 1024:6.1f} MiB  CPU {cpu:6.2f} s")
+        medians[label] = (wall, rss, cpu)
     return medians
 
 
@@ -155,10 +156,11 @@ def main() -> int:
                 tools.append(("reference", [args.reference], tmpdir / "ref.img"))
             medians = bench_pair(tools, path, args.runs)
             if args.reference:
-                (wall, rss), (rwall, rrss) = medians["mkcfs"], medians["reference"]
+                (wall, rss, cpu), (rwall, rrss, rcpu) = medians["mkcfs"], medians["reference"]
                 same = (tmpdir / "ours.img").read_bytes() == (tmpdir / "ref.img").read_bytes()
                 print(f"  ratio: wall {wall / rwall:.2f}x, peak memory {rss / rrss:.2f}x, "
-                      f"images {'identical' if same else 'DIFFERENT'}", flush=True)
+                      f"CPU {cpu / rcpu:.2f}x, images {'identical' if same else 'DIFFERENT'}",
+                      flush=True)
     return 0
 
 
