@@ -23,6 +23,7 @@ import pytest
 
 from mkcfs.cli import mkcfs as group
 from mkcfs.mount import helper
+from mkcfs.store import images
 from mkcfs.mount.mountinfo import read_mountinfo, top_mount
 from mkcfs.store.images import BuildOptions, ManagedStore, image_name
 
@@ -186,14 +187,14 @@ def test_image_file_read_only(tmp_path: Path, store: Path, image_file: Path) -> 
         assert snapshot(mnt) == snapshot(tmp_path / "src")
         with pytest.raises(OSError, match="Read-only"):
             (mnt / "new").write_text("x")
-        states = helper.read_states(ManagedStore(str(store)))
+        states = images.read_states(ManagedStore(str(store)))
         assert [(s.mountpoint, s.image, s.persist) for s in states] == [
             (str(mnt), str(image_file), None)]
     finally:
         status, err = run_cli("umount", mnt)
     assert status == 0, err
     assert mounted_source(mnt) is None
-    assert helper.read_states(ManagedStore(str(store))) == []
+    assert images.read_states(ManagedStore(str(store))) == []
 
 
 @needs_mounts
@@ -444,15 +445,15 @@ def test_stale_run_state_is_pruned(tmp_path: Path, store: Path, image_file: Path
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     ours = helper.mount_namespace()
-    gone = [helper.MountState("/x", "/i", "/o", None, 1, 1),               # no such namespace
-            helper.MountState(str(tmp_path), "/i", "/o", None, ours, 1)]     # nothing mounted
+    gone = [images.MountState("/x", "/i", "/o", None, 1, 1),               # no such namespace
+            images.MountState(str(tmp_path), "/i", "/o", None, ours, 1)]     # nothing mounted
     (store / "mounts").mkdir(parents=True)
     for n, state in enumerate(gone):
         helper._write_state(str(store / "mounts" / f"{n}.json"), state)
     assert all(helper.is_stale(s, ours) for s in gone)
     assert run_cli("mount", "--store", store, image_file, mnt)[0] == 0
     try:
-        states = helper.read_states(managed)
+        states = images.read_states(managed)
         assert [s.mountpoint for s in states] == [str(mnt)]
         assert not helper.is_stale(states[0], ours)
     finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from mkcfs.mount import helper
+from mkcfs.store import images
 from mkcfs.mount.mountinfo import top_mount
 from mkcfs.store.images import ManagedStore
 
@@ -200,7 +201,7 @@ def test_oci_errors(oci, tmp_path: Path) -> None:
     line = one_error_line(*run_cli("mount", "--store", store, "-o", f"basedir={tmp_path}",
                                    f"{layout}:{ref}", mnt), "mount")
     assert "basedir" in line
-    assert helper.read_states(ManagedStore(str(store))) == []
+    assert images.read_states(ManagedStore(str(store))) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_lxc_container_runs_on_the_helper_mount(tmp_path: Path) -> None:
     assert proc.stdout == "hello from a composefs rootfs\n", detail
     assert (upper / "persist/root/note").read_text() == "written\n"
     assert top_mount(str(home / "rootfs")) is None        # it lived in the container only
-    states = helper.read_states(ManagedStore(str(store)))   # made in the container's namespace,
+    states = images.read_states(ManagedStore(str(store)))   # made in the container's namespace,
     assert len(states) == 1 and states[0].mntns != helper.mount_namespace()
     assert helper.is_stale(states[0], helper.mount_namespace())   # which died with it
 

@@ -181,6 +181,36 @@ def test_gc_keeps_exactly_the_referenced_objects(tmp_path, capsys):
     assert mkcfs("fsck", str(store), str(images[2]), capsys=capsys)[0] == 0
 
 
+def test_gc_keeps_the_objects_of_an_image_mounted_from_outside_the_store(tmp_path, capsys):
+    """``mkcfs mount --store S IMAGE MNT`` of an image file outside ``S/images`` records it in
+    ``S/mounts/``: gc of the managed store keeps its objects while that run state exists."""
+    from dataclasses import asdict
+
+    from mkcfs.fsutil import write_atomically
+    from mkcfs.store.images import ManagedStore, MountState
+
+    store = tmp_path / "managed"
+    (store / "images").mkdir(parents=True)
+    make_tree(tmp_path / "kept", 1)
+    build(tmp_path / "kept", store / "objects", store / "images" / "one")
+    make_tree(tmp_path / "mounted", 2)
+    outside = tmp_path / "outside.cfs"
+    build(tmp_path / "mounted", store / "objects", outside)
+    wanted = objects_of(store / "images" / "one", capsys) | objects_of(outside, capsys)
+    assert objects_of(outside, capsys) - objects_of(store / "images" / "one", capsys)
+
+    managed = ManagedStore(str(store))
+    os.makedirs(managed.mounts)
+    state = MountState(str(tmp_path / "mnt"), str(outside), managed.objects, None, 1, 1)
+    write_atomically(os.path.join(managed.mounts, "k.json"), json.dumps(asdict(state)).encode())
+    assert mkcfs("gc", str(store), capsys=capsys)[0] == 0
+    assert store_objects(store / "objects") == wanted
+
+    os.unlink(os.path.join(managed.mounts, "k.json"))     # unmounted: its objects may go
+    assert mkcfs("gc", str(store), capsys=capsys)[0] == 0
+    assert store_objects(store / "objects") == objects_of(store / "images" / "one", capsys)
+
+
 def test_gc_refuses_without_keep_and_on_unreadable_image(built, tmp_path, capsys):
     _src, store, image = built
     before = store_objects(store)

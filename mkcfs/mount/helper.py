@@ -44,7 +44,7 @@ from mkcfs.mount.mounter import MountResult, is_privileged, mount_image
 from mkcfs.mount.mountinfo import MountEntry, top_mount
 from mkcfs.mount.options import MountError, MountOptions
 from mkcfs.mount.source import OciResolver, ResolvedImage, resolve
-from mkcfs.store.images import DEFAULT_BUILD, DEFAULT_STORE, BuildOptions, ManagedStore
+from mkcfs.store.images import DEFAULT_BUILD, DEFAULT_STORE, BuildOptions, ManagedStore, MountState
 
 #: first part of the overlay mount source of every mount this helper makes
 SOURCE_MARK = "mkcfs"
@@ -55,18 +55,6 @@ PERSIST_WORK = "work"
 
 class HelperError(MountError):
     """A mount or umount that cannot be done; the message is one line, ``errno`` says why."""
-
-
-@dataclass(frozen=True)
-class MountState:
-    """What ``STORE/mounts/KEY.json`` records about one mount."""
-
-    mountpoint: str
-    image: str
-    objects: str
-    persist: str | None
-    mntns: int
-    pid: int
 
 
 @dataclass(frozen=True)
@@ -140,20 +128,6 @@ def _write_state(path: str, state: MountState) -> None:
     except OSError as exc:
         raise HelperError(exc.errno or errno.EIO,
                           f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def read_states(store: ManagedStore) -> list[MountState]:
-    """Every run-state file of ``store`` (unreadable ones skipped): what may be mounted."""
-    states = []
-    try:
-        names = sorted(n for n in os.listdir(store.mounts) if n.endswith(".json"))
-    except OSError:
-        return []
-    for name in names:
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            with open(os.path.join(store.mounts, name), encoding="utf-8") as f:
-                states.append(MountState(**json.load(f)))
-    return states
 
 
 def live_namespaces() -> set[int]:

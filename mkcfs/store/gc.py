@@ -4,8 +4,9 @@ Under the exclusive store lock (``mkcfs.store.lock``: no build runs meanwhile, a
 finished build wrote is already in place), ``collect``:
 
 1. lists the kept images (the given files, the files of the given directories, and for a managed
-   store every file of ``images/``) and reads the objects each refers to; an image that cannot
-   be read stops everything before anything is removed;
+   store every file of ``images/`` and every image a ``mkcfs mount`` run state names) and reads
+   the objects each refers to; an image that cannot be read stops everything before anything is
+   removed;
 2. removes every object (``ab/`` + 62 hex digits, a regular file) that none of them refers to;
 3. removes the temporary files of builds that died (``.tmp-*`` that nobody holds locked).
 
@@ -27,6 +28,7 @@ from mkcfs.errors import CfsError
 from mkcfs.inspect.objects import image_file_objects
 from mkcfs.store import lock as store_lock
 from mkcfs.store.fsck import scan_store
+from mkcfs.store.images import ManagedStore, read_states
 from mkcfs.store.layout import StoreLayout, image_files
 
 __all__ = ["GcReport", "collect", "kept_image_paths"]
@@ -50,11 +52,20 @@ class GcReport:
 
 def kept_image_paths(layout: StoreLayout, keep_dirs: list[str]) -> list[str]:
     """The images kept by directory: the files of each of ``keep_dirs`` (hidden names, the
-    temporaries of image writers, excepted) and a managed store's own images."""
+    temporaries of image writers, excepted), a managed store's own images, and the images its
+    ``mkcfs mount`` run states name (an image file mounted from outside the store keeps its
+    objects while it may be mounted; a state that outlived its mount only keeps a few objects
+    longer, until the next mount prunes it)."""
     images: list[str] = []
     for directory in keep_dirs:
         images += image_files(directory)
     images += layout.kept_images()
+    if layout.images is not None:
+        listed = set(images)
+        for state in read_states(ManagedStore(layout.given)):
+            if state.image not in listed and os.path.isfile(state.image):
+                listed.add(state.image)
+                images.append(state.image)
     return images
 
 

@@ -78,6 +78,19 @@ def image_name(manifest_digest: str, options: BuildOptions = DEFAULT_BUILD) -> s
     return hashlib.sha256(key.encode()).hexdigest() + IMAGE_SUFFIX
 
 
+@dataclass(frozen=True)
+class MountState:
+    """What ``STORE/mounts/KEY.json`` records about one mount made by ``mkcfs mount`` (written
+    before the mount, removed by ``mkcfs umount``, pruned once the mount is gone)."""
+
+    mountpoint: str
+    image: str
+    objects: str
+    persist: str | None
+    mntns: int
+    pid: int
+
+
 class ManagedStore:
     """A store directory (see the module docstring). Nothing is created until needed."""
 
@@ -142,3 +155,17 @@ class ManagedStore:
             yield
         finally:
             os.close(fd)
+
+
+def read_states(store: ManagedStore) -> list[MountState]:
+    """Every run-state file of ``store`` (unreadable ones skipped): what may be mounted."""
+    states = []
+    try:
+        names = sorted(n for n in os.listdir(store.mounts) if n.endswith(".json"))
+    except OSError:
+        return []
+    for name in names:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            with open(os.path.join(store.mounts, name), encoding="utf-8") as f:
+                states.append(MountState(**json.load(f)))
+    return states
