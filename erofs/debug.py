@@ -10,8 +10,10 @@ and meanings are the declared ones. This is a debugging tool (construct is slow)
 structure the reader refuses.
 
 ``format_regions`` prints the map (``mkcfs debug-structs IMAGE``); ``first_difference(expected,
-actual)`` names the first differing structure and field of two images, which is what the golden
-and conformance tests print when an image hash differs.
+actual)`` names the first differing structure and field of two images. Where only hashes of the
+expected image are kept (the golden tests pin mkcomposefs 1.0.8's results, not its images),
+``field_hashes(image)`` is the map reduced to one short hash per field (one line per region) and
+``first_hash_difference(pinned, actual)`` names the first structure and field whose hash differs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from .format import (
 )
 from .reader import Image
 
-__all__ = ["Region", "image_regions", "format_regions", "first_difference", "field_at"]
+__all__ = ["Region", "image_regions", "format_regions", "first_difference", "field_at",
+           "field_hashes", "first_hash_difference"]
 
 #: construct declaration -> the C name the kernel and libcomposefs give the struct
 STRUCT_NAMES: dict[int, str] = {id(decl): name for name, (decl, _size) in STRUCT_SIZES.items()}
@@ -265,3 +268,60 @@ def first_difference(expected: bytes | bytearray, actual: bytes | bytearray) -> 
     act_raw = actual[start:start + size]
     return (f"{where} at {region.offset:#x}, field {name} (+{start - region.offset}, {size} "
             f"bytes): expected {_value(exp_raw)}, got {_value(act_raw)}{sizes}")
+
+
+def _short_hash(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()[:8]
+
+
+def field_hashes(data: bytes | bytearray) -> list[str]:
+    """The struct map as pinned hashes: one line per region, ``OFFSET SIZE KIND 'OWNER'`` then a
+    tab and the first 8 hex digits of the sha256 of each field (of the whole region for raw
+    bytes). Equal images give equal lines; the first differing line and hash name the first
+    differing structure and field."""
+    data = bytes(data)
+    lines = []
+    for region in image_regions(data):
+        # ascii(): file names may hold tabs, newlines and bytes that are not UTF-8
+        head = f"{region.offset:#x} {region.size} {region.kind} {ascii(region.owner)}"
+        if region.declaration is None:
+            hashes = [_short_hash(data[region.offset:region.offset + region.size])]
+        else:
+            hashes = [_short_hash(data[region.offset + start:region.offset + start + size])
+                      for _name, start, size, _doc in _fields(region)]
+        lines.append(head + "\t" + " ".join(hashes))
+    return lines
+
+
+def first_hash_difference(pinned: list[str], actual: bytes | bytearray) -> str | None:
+    """Where ``actual`` first departs from the image whose ``field_hashes`` are ``pinned``:
+    the structure (kind, owner, offset) and, for a declared structure, the field with its value
+    in ``actual``; None when every line matches."""
+    try:
+        regions = image_regions(bytes(actual))
+        ours = field_hashes(actual)
+    except ImageFormatError as exc:
+        return f"the image cannot be mapped: {exc}"
+    for index, (want, got) in enumerate(zip(pinned, ours)):
+        if want == got:
+            continue
+        want_head, _, want_hashes = want.partition("\t")
+        got_head, _, got_hashes = got.partition("\t")
+        if want_head != got_head:
+            return f"region {index}: expected {want_head!r}, got {got_head!r}"
+        region = regions[index]
+        if region.declaration is None:
+            return f"{region.kind} of {region.owner} at {region.offset:#x}: bytes differ"
+        fields = list(_fields(region))
+        for (name, start, size, _doc), w, g in zip(fields, want_hashes.split(),
+                                                   got_hashes.split()):
+            if w != g:
+                raw = bytes(actual)[region.offset + start:region.offset + start + size]
+                return (f"{region.kind} of {region.owner} at {region.offset:#x}, field {name} "
+                        f"(+{start}, {size} bytes): got {_value(raw)}, the pinned image has "
+                        f"another value")
+    if len(pinned) != len(ours):
+        return f"the image has {len(ours)} regions, the pinned one {len(pinned)}"
+    return None

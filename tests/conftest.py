@@ -109,6 +109,18 @@ def reference_image(dumpfile: bytes, args: Sequence[str] = ()) -> bytes | None:
         return out.read_bytes() if proc.returncode == 0 else None
 
 
+#: per-field hashes of the golden images mkcomposefs 1.0.8 wrote (tools/pin_struct_hashes.py)
+STRUCT_HASHES = TESTDATA / "golden" / "struct-hashes"
+
+
+def pinned_field_hashes(sha256: str) -> list[str] | None:
+    """The pinned ``erofs.debug.field_hashes`` of the image with that sha256, if kept."""
+    path = STRUCT_HASHES / f"{sha256[:16]}.txt.gz"
+    if not path.exists():
+        return None
+    return gzip.decompress(path.read_bytes()).decode().splitlines()
+
+
 def assert_image_sha256(actual: bytes | bytearray, sha256: str,
                         reference: Callable[[], bytes | None] | None = None) -> None:
     """``actual`` hashes to the pinned ``sha256``; otherwise fail naming the first differing
@@ -118,10 +130,15 @@ def assert_image_sha256(actual: bytes | bytearray, sha256: str,
     if got == sha256:
         return
     expected = reference() if reference is not None else None
+    pinned = pinned_field_hashes(sha256)
     if expected is not None and hashlib.sha256(expected).hexdigest() == sha256:
         from erofs.debug import first_difference
 
         detail = first_difference(expected, actual)
+    elif pinned is not None:
+        from erofs.debug import first_hash_difference
+
+        detail = f"first differing struct: {first_hash_difference(pinned, actual)}"
     else:
         detail = ("no reference image to compare with (set MKCFS_REFERENCE_MKCOMPOSEFS to an "
                   "mkcomposefs 1.0.8 binary to name the first differing struct and field)")

@@ -66,3 +66,31 @@ def test_readme_sample_builds_to_the_pinned_image(tmp_path):
     assert hashlib.sha256(out.read_bytes()).hexdigest() == \
         "9bb0c127e2e2d0d07a566bec6900cd2f7c389a7e5a80f3a8126e82e38f88ab79"
     fsck_erofs(out)
+
+
+@pytest.mark.parametrize("name,args,sha,digest", _rows())
+def test_pinned_struct_hashes_describe_the_golden_image(name, args, sha, digest):
+    """The per-field hashes pinned from 1.0.8's image equal those of ours (whose sha256 is the
+    pinned one): so every golden image has its struct map, and the map is the right one."""
+    from erofs.debug import field_hashes
+
+    from .conftest import pinned_field_hashes
+
+    image = build_image(parse_dumpfile((GOLDEN / name).read_bytes(), strict=True), **_versions(args))
+    assert field_hashes(image.data) == pinned_field_hashes(sha)
+
+
+def test_a_corrupted_golden_case_names_the_first_differing_struct_and_field():
+    """A golden case whose image no longer matches its pinned hash (here: one owner changed in
+    the dump) fails naming the struct and field, without the reference tool at hand."""
+    text = (GOLDEN / "ex2-mixed.dump").read_bytes()
+    line = next(x for x in text.splitlines() if x.startswith(b"/dir "))
+    fields = line.split(b" ")
+    fields[4] = b"4242"   # UID
+    changed = text.replace(line, b" ".join(fields))
+    sha = next(r.values[2] for r in _rows() if r.values[0] == "ex2-mixed.dump" and not r.values[1])
+    with pytest.raises(pytest.fail.Exception) as failure:
+        assert_image_sha256(build_image(parse_dumpfile(changed, strict=True)).data, sha)
+    message = str(failure.value)
+    assert "first differing struct: erofs_inode_" in message and " /dir at " in message
+    assert "field i_uid" in message and "got 4242" in message

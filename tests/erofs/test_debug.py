@@ -112,8 +112,14 @@ def test_a_corrupted_golden_case_reports_struct_and_field():
     with pytest.raises(pytest.fail.Exception) as failure:
         assert_same_image(bad, good)
     assert "field i_nlink" in str(failure.value)
+    # without the reference tool: the per-field hashes pinned in testdata/golden/struct-hashes
     with pytest.raises(pytest.fail.Exception) as failure:
         assert_image_sha256(bad, sha)
+    assert "first differing struct: erofs_inode_" in str(failure.value)
+    assert "field i_nlink" in str(failure.value)
+    # a hash with neither a reference nor pinned struct hashes says how to get the detail
+    with pytest.raises(pytest.fail.Exception) as failure:
+        assert_image_sha256(bad, "0" * 64)
     assert "MKCFS_REFERENCE_MKCOMPOSEFS" in str(failure.value)
 
 
