@@ -42,26 +42,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIRS = ["/usr/share", "/usr/lib/x86_64-linux-gnu", "/usr"]
-GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
 
 
-def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, int, float]:
-    """``(wall seconds, peak RSS in KiB, CPU seconds)`` of one run (CPU: user + system of the
-    tool and every process it waited for, e.g. mkcfs's digest workers)."""
-    if GNU_TIME:
-        argv = [GNU_TIME, "-f", "%M", *argv]
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {shlex.join(argv)}\n{err}")
-    peak = int(err.strip().splitlines()[-1]) if GNU_TIME else usage.ru_maxrss
-    return wall, peak, usage.ru_utime + usage.ru_stime
+from benchrun import run_once  # noqa: E402  (tools/ is the script's directory)
 
 
 def regular_files(root: str) -> list[str]:

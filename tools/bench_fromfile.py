@@ -20,12 +20,9 @@ import gzip
 import hashlib
 import os
 import random
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,25 +67,7 @@ def generate_dumpfile(entries: int, seed: int = 1) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-GNU_TIME = shutil.which("time") if Path("/usr/bin/time").exists() else None
-
-
-def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
-    """Wall seconds, peak RSS (KiB) and CPU seconds (user + system) of one run.
-
-    The peak comes from GNU time (/usr/bin/time, Debian package `time`): a child forked from this
-    (large) Python process would otherwise be charged this process's pages too."""
-    if GNU_TIME:
-        cmd = [GNU_TIME, "-f", "%M", *cmd]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[0]} failed: {err.strip()}")
-    peak = int(err.strip().splitlines()[-1]) if GNU_TIME else usage.ru_maxrss
-    return elapsed, peak, usage.ru_utime + usage.ru_stime
+from benchrun import run_once  # noqa: E402  (tools/ is the script's directory)
 
 
 def bench_pair(tools: list[tuple[str, list[str], Path]], dumpfile: Path,
@@ -133,7 +112,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         inputs: list[tuple[str, Path]] = []
-        sources = ([CS9] if CS9.exists() else []) + [Path(p) for p in args.input]
+        sources = ([CS9] if CS9.exists() else []) + [Path(p).resolve() for p in args.input]
         for src in sources:
             if not src.name.endswith(".gz"):
                 inputs.append((src.name, src))

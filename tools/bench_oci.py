@@ -37,22 +37,15 @@ import sys
 import tempfile
 import time
 
+import benchrun  # noqa: E402  (tools/ is the script's directory)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """``(wall seconds, peak RSS in KiB)`` of one command."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {shlex.join(argv)}\n{err}")
-    return wall, usage.ru_maxrss
+    wall, peak, _cpu = benchrun.run_once(argv, env)
+    return wall, peak
 
 
 def sh(*argv: str) -> None:
