@@ -217,3 +217,13 @@ def test_manifest_digest_is_reported(img):
     assert tree.manifest_digest == desc["digest"]
     assert tree.config_digest == _manifest(img)[1]["config"]["digest"]
     assert hashlib.sha256(_blob(img, desc["digest"]).read_bytes()).hexdigest() == desc["digest"][7:]
+
+
+def test_a_missing_or_non_directory_layout_is_named_with_the_reason(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    for path, reason in ((tmp_path / "missing", "No such file or directory"),
+                         (tmp_path / "file", "not a directory")):
+        proc = run(f"oci:{path}:latest", str(tmp_path / "out.img"))
+        assert proc.returncode == 1 and proc.stdout == b""
+        assert proc.stderr.decode() == f"mkcomposefs: {path}: {reason}\n"
+        assert not (tmp_path / "out.img").exists()

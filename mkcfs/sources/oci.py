@@ -555,7 +555,8 @@ def _image_files(source: ImageSource) -> _Files:
     """The files of an ``oci``/``oci-archive``/``docker-archive`` source."""
     archive = source.transport != "oci"
     if not archive and not os.path.isdir(source.path):
-        raise LayerError(f"{source.path}: not a directory")
+        reason = "not a directory" if os.path.lexists(source.path) else "No such file or directory"
+        raise LayerError(f"{source.path}: {reason}")
     return _Files(source.path, archive)
 
 
