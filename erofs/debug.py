@@ -19,6 +19,7 @@ expected image are kept (the golden tests pin mkcomposefs 1.0.8's results, not i
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -271,8 +272,6 @@ def first_difference(expected: bytes | bytearray, actual: bytes | bytearray) -> 
 
 
 def _short_hash(raw: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(raw).hexdigest()[:8]
 
 

@@ -295,12 +295,11 @@ class ObjectStore:
                     temp.discard()
                     raise
             return digest
-        stream_temp: LockedTemp | None = self._new_temp(name)
-        assert stream_temp is not None
+        temp = self._new_temp(name)
         try:
             hasher = FsVerityHasher()
             update = hasher.update
-            write = stream_temp.write
+            write = temp.write
             for chunk in chunks:
                 update(chunk)
                 try:
@@ -310,14 +309,11 @@ class ObjectStore:
             if hasher.size != size:
                 raise walk_error("cannot store", name.encode(),
                                  f"{hasher.size} bytes instead of {size}")
-            digest = hasher.digest()
-            final, exists = self._target(digest, name)
-            if not exists:
-                self._commit(stream_temp, final, defer, name)
-                stream_temp = None
-        finally:
-            if stream_temp is not None:
-                stream_temp.discard()
+        except BaseException:
+            temp.discard()
+            raise
+        digest = hasher.digest()
+        self._name_or_drop(temp, digest, name, defer)
         return digest
 
     def _pending(self) -> list[tuple[LockedTemp, bytes, bytes | str]]:
@@ -357,6 +353,21 @@ class ObjectStore:
         pending.append((temp, final, source))
         if len(pending) >= _GROUP:
             self.flush()
+
+    def _name_or_drop(self, temp: LockedTemp, digest: bytes, source: bytes | str,
+                      defer: bool) -> None:
+        """``temp`` holds the complete data of ``digest``, written while it was hashed: commit
+        it as that object, or drop it when the object exists already (a concurrent build, or
+        an earlier file of this one, stored it). ``temp`` is discarded on any error."""
+        try:
+            final, exists = self._target(digest, source)
+            if not exists:
+                self._commit(temp, final, defer, source)
+                return
+        except BaseException:
+            temp.discard()
+            raise
+        temp.discard()
 
     def _place(self, temp: LockedTemp, final: bytes) -> None:
         """Rename ``temp`` to ``final``; if a failed build removed the (empty) ``ab``
@@ -401,8 +412,7 @@ class ObjectStore:
 
     def _copy_while_hashing(self, fd: int, src: bytes, size: int, view: memoryview,
                             before: Snapshot, cancel: CancelFlag | None, defer: bool) -> bytes:
-        temp: LockedTemp | None = self._new_temp(src)
-        assert temp is not None
+        temp = self._new_temp(src)
         try:
             try:
                 digest = hash_fd(fd, size, src, view, temp, cancel)
@@ -413,13 +423,10 @@ class ObjectStore:
                 raise self._error(exc, src) from None   # a write error
             if after != before:
                 raise file_changed(src)
-            final, exists = self._target(digest, src)
-            if not exists:
-                self._commit(temp, final, defer, src)
-                temp = None
-        finally:
-            if temp is not None:
-                temp.discard()
+        except BaseException:
+            temp.discard()
+            raise
+        self._name_or_drop(temp, digest, src, defer)
         return digest
 
     def _hash_then_copy(self, fd: int, src: bytes, size: int, view: memoryview,
@@ -435,8 +442,7 @@ class ObjectStore:
             if after != before:
                 raise file_changed(src)
             return digest
-        temp: LockedTemp | None = self._new_temp(src)
-        assert temp is not None
+        temp = self._new_temp(src)
         try:
             try:
                 self._copy(fd, temp, size, view, sparse)
@@ -447,10 +453,9 @@ class ObjectStore:
             if after != before or written != size:
                 raise file_changed(src)
             self._commit(temp, final, defer, src)
-            temp = None
-        finally:
-            if temp is not None:
-                temp.discard()
+        except BaseException:
+            temp.discard()
+            raise
         return digest
 
     def _copy(self, src_fd: int, temp: LockedTemp, size: int, view: memoryview,
