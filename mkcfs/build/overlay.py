@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 
+from fsverity.format import FS_VERITY_HASH_ALG_SHA256   # the algorithm byte of the metacopy xattr
 from mkcfs.errors import BuildInputError
 
 OVERLAY_PREFIX = b"trusted.overlay."
@@ -40,8 +41,6 @@ USER_WHITEOUTS = b"user.overlay.whiteouts"
 USER_OPAQUE = b"user.overlay.opaque"
 SELINUX = b"security.selinux"
 
-#: fs-verity hash algorithm number for SHA-256 in the metacopy xattr.
-FS_VERITY_HASH_ALG_SHA256 = 1
 #: limit on the accounted xattr size of one node (``LCFS_INODE_EXTERNAL_XATTR_MAX``).
 XATTR_BUDGET_MAX = 32767
 XATTR_NAME_MAX = 255
