@@ -27,13 +27,10 @@ import errno
 import os
 import sys
 from typing import NoReturn
-from collections.abc import Callable, Sequence
-
-from fsverity.kernel import fd_digest
+from collections.abc import Callable, Iterable, Sequence
 
 from mkcfs.sources.dumpfile import escape_table, escape_with
 from mkcfs.cli import common
-from mkcfs.inspect.objects import missing_objects, tree_objects
 
 PROG = "composefs-info"
 USAGE = (f"usage: {PROG} [--basedir=path] [ls|objects|dump|missing-objects|measure-file] "
@@ -166,6 +163,9 @@ def _main(argv: list[str]) -> int:
             handler = handler_cls()
         toplevel = filters if filters else None
         for path in paths:
+            if command == "dump" and not writer_order:
+                _dump_image(path, toplevel)
+                continue
             root = _load(path, toplevel, "writer" if writer_order else "first")
             handler(root)
             del root
@@ -176,17 +176,43 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def _read_image(path: str) -> bytes:
+    """The image file's bytes; errors end the program like the C tool."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        common.fail(f"Failed to open '{path}'", exc.errno or errno.EIO)
+
+
 def _load(path: str, toplevel: list[bytes] | None, hardlinks: str = "first"):
     """The image's tree as libcomposefs loads it (``hardlinks="first"``: a hard-linked inode sits
     at the first name met depth first), or with every inode where the writer numbered it
     (``"writer"``, so that a dump rebuilds the identical image); errors end the program like the
     C tool."""
+    return common.load_image_tree(path, _read_image(path), toplevel=toplevel,
+                                  hardlinks=hardlinks)
+
+
+def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
+    """``dump`` of one image: printed straight from its inodes (``dump_records``) when the
+    image allows, else from the tree ``load_tree`` builds (which also names any problem).
+    Like the C tool, nothing is printed unless the whole image could be read."""
+    from erofs.errors import ImageFormatError
+    from erofs.reader import Image
+
+    from mkcfs.inspect.unflatten import NeedsTree, dump_records
+    from mkcfs.sources.dumpfile import dump_blocks, tree_records
+
+    data = _read_image(path)
+    blocks: Iterable[bytes]
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        common.fail(f"Failed to open '{path}'", exc.errno or errno.EIO)
-    return common.load_image_tree(path, data, toplevel=toplevel, hardlinks=hardlinks)
+        blocks = list(dump_blocks(dump_records(Image(data), toplevel)))
+    except (NeedsTree, ImageFormatError):
+        blocks = dump_blocks(tree_records(common.load_image_tree(path, data, toplevel=toplevel)))
+    write = common.stdout().write
+    for block in blocks:
+        write(block)
 
 
 # --- escaping as print_escaped() does ---------------------------------------------------------
@@ -262,9 +288,13 @@ class _Objects:
         self.paths: set[bytes] = set()
 
     def __call__(self, root) -> None:
+        from mkcfs.inspect.objects import tree_objects
+
         self.paths.update(ref.path for ref in tree_objects(root))
 
     def end(self) -> None:
+        from mkcfs.inspect.objects import missing_objects
+
         paths = (sorted(self.paths) if self.basedir_fd is None
                  else missing_objects(self.paths, [self.basedir_fd]))
         common.write_stdout(b"".join(p + b"\n" for p in paths))
@@ -273,6 +303,8 @@ class _Objects:
 # --- measure-file -----------------------------------------------------------------------------
 
 def _measure_files(paths: list[str]) -> int:
+    from fsverity.kernel import fd_digest
+
     if not paths:
         _usage_exit("No files specified\n")
     out = common.stdout()

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Callable, Iterable
+from array import array
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
 
 from erofs.errors import ImageFormatError
 from erofs.format import EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
@@ -38,7 +40,10 @@ from erofs.reader import INLINE_CONTENT_MAX, PATH_MAX, Image, WorkBudget, xattr_
 from mkcfs.build import overlay
 from mkcfs.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, HardLink, Node
 
-__all__ = ["load_tree", "load_tree_from_file", "ImageFormatError"]
+if TYPE_CHECKING:
+    from mkcfs.sources.dumpfile import DumpRecord
+
+__all__ = ["load_tree", "load_tree_from_file", "dump_records", "NeedsTree", "ImageFormatError"]
 
 _OVERLAY = overlay.OVERLAY_PREFIX
 _ESCAPED = overlay.ESCAPED_PREFIX
@@ -136,10 +141,12 @@ def load_tree(image: Image | bytes | bytearray | memoryview,
     walk = _Walk(image)
     keep = None if toplevel is None else frozenset(toplevel)
     build = _make_builder(walk, share_xattrs)
-    root, root_dir = build(image.root_nid)
-    if root is None:
+    nodes = walk.nodes
+    fields, root_dir = build(image.root_nid)
+    if fields is None:
         raise ImageFormatError(image.meta_base + image.root_nid * 32,
                                "the root inode is a whiteout (character device 0/0)")
+    root = nodes[image.root_nid] = Node(*fields)
     if root_dir is None:
         return root
     writer_mode = hardlinks == "writer"
@@ -148,7 +155,6 @@ def load_tree(image: Image | bytes | bytearray | memoryview,
     linked: set[int] = set()
     # depth first, pre-order, children in stored dirent order (the C reader's recursion)
     stack = [(root, iter(_dir_entries(walk, root_dir)), keep)]
-    nodes = walk.nodes
     while stack:
         parent, entries, keep = stack[-1]
         children = parent.children
@@ -167,9 +173,11 @@ def load_tree(image: Image | bytes | bytearray | memoryview,
                 if writer_mode:
                     linked.add(nid)
                 continue
-            node, dir_extents = build(nid)
-            if node is None:            # real whiteout (00..ff): not shown
+            fields, dir_extents = build(nid)
+            if fields is None:          # real whiteout (00..ff): not shown
+                nodes[nid] = None
                 continue
+            node = nodes[nid] = Node(*fields)
             if name and len(name) <= _NAME_MAX and name not in children:
                 children[name] = node
             else:
@@ -184,6 +192,126 @@ def load_tree(image: Image | bytes | bytearray | memoryview,
     if linked:
         _move_to_writer_places(walk, linked, first_place)
     return root
+
+
+class NeedsTree(Exception):
+    """:func:`dump_records` met what only :func:`load_tree` handles exactly: a directory whose
+    entries are not stored in name order (or a bad or repeated name), or a malformed image
+    (``load_tree`` names the first problem as the C reader meets it)."""
+
+
+#: ``first_dir`` value of a real whiteout (skipped wherever it appears)
+_WHITEOUT = 0xFFFFFFFF
+
+
+def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
+                 ) -> Iterator[DumpRecord]:
+    """What ``composefs-info dump`` prints for ``image`` (``load_tree`` with
+    ``hardlinks="first"`` then ``tree_records``), record by record, without building the tree.
+
+    libcomposefs places a hard-linked inode at its first name in stored directory order and
+    prints in name order; mkcomposefs stores every directory in name order, so the two orders
+    agree and each inode is built when first met, exactly as ``load_tree`` builds it. For each
+    inode only the directory of its first name is remembered (4 bytes per inode slot); a
+    second name finds the first one there and builds the inode's fields again.
+    Anything that needs the tree raises :class:`NeedsTree`, possibly after some records were
+    yielded: callers print nothing until the walk has finished."""
+    walk = _Walk(image)
+    keep = None if toplevel is None else frozenset(toplevel)
+    build = _make_builder(walk, share_xattrs=True)
+    root_nid = image.root_nid
+    try:
+        fields, root_dir = build(root_nid)
+    except ImageFormatError:
+        raise NeedsTree from None
+    if fields is None:
+        raise NeedsTree
+    yield (b"/", b"") + fields
+    if root_dir is None:
+        return
+    n_slots = max(0, (image.size - image.meta_base) // 32) + 1
+    if root_nid >= n_slots:
+        raise NeedsTree
+    #: nid -> 1 + the nid of the directory holding its first name (0: not met yet)
+    first_dir = array("I", bytes(4 * n_slots))
+    first_dir[root_nid] = root_nid + 1
+    #: directory nid -> (path, where its entries are)
+    dirs: dict[int, tuple[bytes, _Extents]] = {root_nid: (b"", root_dir)}
+    #: nid -> (path, fields) of inodes met again (hard links)
+    linked: dict[int, tuple[bytes, NodeFields]] = {}
+    #: directory nid -> {nid: name} of its entries, for finding first names
+    names_of: dict[int, dict[int, bytes]] = {}
+
+    def first_name(nid: int) -> tuple[bytes, NodeFields]:
+        """The path and fields of the inode ``nid`` met earlier."""
+        dir_nid = first_dir[nid] - 1
+        if nid in dirs:
+            path = dirs[nid][0]
+        else:
+            names = names_of.get(dir_nid)
+            if names is None:
+                where = dirs[dir_nid][1]
+                names = {}
+                for offset, length in image.extents_of(*where):
+                    block_names, block_nids, _types = image.dirent_columns(offset, length)
+                    for name, child in zip(block_names, block_nids):
+                        nul = name.find(b"\0")
+                        if nul >= 0:
+                            name = name[:nul]
+                        if name != b"." and name != b"..":
+                            names.setdefault(child, name)
+                names_of[dir_nid] = names
+            path = dirs[dir_nid][0] + b"/" + names[nid]
+        fields = build(nid)[0]
+        assert fields is not None
+        entry = linked[nid] = (path, fields)
+        return entry
+
+    stack = [(b"/", root_nid + 1, _sorted_dir(walk, root_dir), keep)]
+    try:
+        while stack:
+            base, here, entries, keep = stack[-1]
+            for name, nid in entries:
+                if keep is not None and name not in keep:
+                    continue
+                seen = first_dir[nid] if nid < n_slots else 0
+                if seen:
+                    if seen == _WHITEOUT:
+                        continue
+                    target_path, fields = linked.get(nid) or first_name(nid)
+                    yield (base + name, b"@") + fields[:8] + (target_path,) + fields[9:]
+                    continue
+                fields, dir_extents = build(nid)
+                if fields is None:            # real whiteout (00..ff): not shown
+                    first_dir[nid] = _WHITEOUT
+                    continue
+                first_dir[nid] = here
+                path = base + name
+                yield (path, b"") + fields
+                if dir_extents is not None:
+                    dirs[nid] = (path, dir_extents)
+                    stack.append((path + b"/", nid + 1, _sorted_dir(walk, dir_extents), None))
+                    break
+            else:
+                stack.pop()
+    except ImageFormatError:
+        raise NeedsTree from None
+
+
+def _sorted_dir(walk: _Walk, where: _Extents) -> Iterator[tuple[bytes, int]]:
+    """The ``(name, nid)`` entries of a directory without ``.`` and ``..``, when they are stored
+    in strictly increasing name order and every name is valid (else :class:`NeedsTree`)."""
+    names, nids = _dir_columns(walk, where)
+    if b"." in names or b".." in names:
+        pairs = [(name, nid) for name, nid in zip(names, nids) if name != b"." and name != b".."]
+        names = [name for name, _nid in pairs]
+    else:
+        pairs = list(zip(names, nids))
+    if names:
+        if (sorted(names) != names or len(set(names)) != len(names)
+                or not 0 < min(map(len, names)) or max(map(len, names)) > _NAME_MAX):
+            raise NeedsTree
+    return iter(pairs)
 
 
 def _move_to_writer_places(walk: _Walk, linked: set[int],
@@ -332,6 +460,24 @@ def _add_child(children: dict, name: bytes, child: Node | HardLink | None, nid: 
 _Extents = tuple[int, int, int, int, int, int]
 
 
+def _dir_columns(walk: _Walk, where: _Extents) -> tuple[list[bytes], list[int]]:
+    """:func:`_dir_entries` as two lists: names and nids."""
+    image = walk.image
+    budget = walk.budget
+    all_names: list[bytes] = []
+    all_nids: list[int] = []
+    for offset, length in image.extents_of(*where):
+        budget.bytes(length, offset)
+        names, nids, _types = image.dirent_columns(offset, length)
+        budget.dirents(len(names), offset)
+        all_names += names
+        all_nids += nids
+    if b"\0" in b"".join(all_names):
+        # a NUL before the last name's end: some name may hold one (slow path)
+        all_names = [n[:n.index(b"\0")] if b"\0" in n else n for n in all_names]
+    return all_names, all_nids
+
+
 def _dir_entries(walk: _Walk, where: _Extents) -> list[tuple[bytes, int]]:
     """``(name, nid)`` of a directory's entries (``.`` and ``..`` included; the caller skips
     them), names cut at the first NUL like C strings. A name is at most a block long, so the
@@ -350,16 +496,22 @@ def _dir_entries(walk: _Walk, where: _Extents) -> list[tuple[bytes, int]]:
     return result
 
 
+#: a node's fields in the order of ``Node``'s arguments: mode, nlink, uid, gid, rdev, size,
+#: mtime_sec, mtime_nsec, payload, content, digest, xattrs
+NodeFields = tuple[int, int, int, int, int, int, int, int, bytes | None, bytes | None,
+                   bytes | None, dict[bytes, bytes]]
+
 #: one xattr as the node builder applies it: (action, key, value, value_end); the value of a
 #: redirect is already the payload, that of a metacopy the digest.
 _Xattr = tuple[int, bytes, bytes, int]
 
 
 def _make_builder(walk: _Walk, share_xattrs: bool = False
-                  ) -> Callable[[int], tuple[Node | None, _Extents | None]]:
-    """``build(nid) -> (node, dir_extents)``: the node of inode ``nid`` (without its children).
+                  ) -> Callable[[int], tuple[NodeFields | None, _Extents | None]]:
+    """``build(nid) -> (fields, dir_extents)``: the fields of inode ``nid``'s node (without its
+    children), in the order of :class:`~mkcfs.tree.Node`'s arguments.
 
-    ``node`` is None for a whiteout (character device 0/0); ``dir_extents`` is, for a
+    ``fields`` is None for a whiteout (character device 0/0); ``dir_extents`` is, for a
     directory, the argument tuple of ``Image.extents_of`` that locates its entries, else None.
     The reader decodes (with every offset checked); this only maps what it gives onto a node,
     as ``lcfs_build_node_from_image`` does. With ``share_xattrs``, nodes whose xattrs come from
@@ -367,7 +519,6 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
     no_xattrs: dict[bytes, bytes] = {}
     image = walk.image
     data = image.data
-    nodes = walk.nodes
     actions = walk.actions
     shared = walk.shared
     shared_sets = walk.shared_sets
@@ -417,7 +568,7 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
         result = shared_sets[ids] = (entries, only_set)
         return result
 
-    def build(nid: int) -> tuple[Node | None, _Extents | None]:
+    def build(nid: int) -> tuple[NodeFields | None, _Extents | None]:
         (_nid, offset, _extended, layout, mode, nlink, fsize, i_u, _ino, uid, gid, mtime,
          mtime_nsec, _icount, xoff, xsize) = inode_fields(nid)
         payload: bytes | None = None
@@ -455,8 +606,7 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
             fsize = len(target)
         elif ftype == IFCHR:
             if i_u == 0:
-                nodes[nid] = None   # a real whiteout: skipped, here and wherever it appears
-                return None, None
+                return None, None   # a real whiteout: skipped, here and wherever it appears
             rdev = i_u
         elif ftype == IFBLK:
             rdev = i_u
@@ -525,10 +675,8 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
                         used = set_xattr(xattrs, key, value, used, value_end)
                 elif action == _A_BAD:
                     raise ImageFormatError(value_end, f"xattr name of {len(key)} bytes")
-        node = Node(mode, nlink, uid, gid, rdev, fsize, mtime, mtime_nsec, payload, content,
-                    digest, xattrs)
-        nodes[nid] = node
-        return node, dir_extents
+        return (mode, nlink, uid, gid, rdev, fsize, mtime, mtime_nsec, payload, content, digest,
+                xattrs), dir_extents
 
     return build
 

@@ -69,7 +69,7 @@ import binascii
 import codecs
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import chain
 from binascii import unhexlify
 from typing import BinaryIO, Protocol
@@ -79,8 +79,8 @@ from mkcfs.gcpause import gc_paused
 from mkcfs.tree import (S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, VALID_TYPES, HardLink,
                    HardLinkLoopError, Node, iter_tree, resolve)
 
-__all__ = ["parse_dumpfile", "format_dumpfile", "write_dumpfile", "escape", "unescape",
-           "INLINE_CONTENT_MAX"]
+__all__ = ["parse_dumpfile", "format_dumpfile", "write_dumpfile", "dump_blocks", "tree_records",
+           "DumpRecord", "escape", "unescape", "INLINE_CONTENT_MAX"]
 
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
@@ -773,7 +773,7 @@ def format_dumpfile(root: Node) -> bytes:
     target's mode, the absolute path of the node it reaches as PAYLOAD (``""`` for the root), and
     the target's other fields. Xattrs are printed in the node's dict order."""
     with gc_paused():
-        return b"".join(_format_lines(root))
+        return b"".join(dump_blocks(tree_records(root)))
 
 
 class BytesSink(Protocol):
@@ -786,14 +786,17 @@ def write_dumpfile(root: Node, fileobj: BytesSink) -> None:
     """Write :func:`format_dumpfile` of ``root`` to a binary file object."""
     write = fileobj.write
     with gc_paused():
-        batch: list[bytes] = []
-        for line in _format_lines(root):
-            batch.append(line)
-            if len(batch) >= 4096:
-                write(b"".join(batch))
-                batch.clear()
-        if batch:
-            write(b"".join(batch))
+        for block in dump_blocks(tree_records(root)):
+            write(block)
+
+
+#: One printed entry: ``(path, at, mode, nlink, uid, gid, rdev, size, mtime_sec, mtime_nsec,
+#: payload, content, digest, xattrs)``: the raw path, ``b"@"`` for a hard link (else ``b""``)
+#: and the fields of the node as :class:`~mkcfs.tree.Node` takes them, a hard link's payload
+#: being its target's path. Tuples, so that a source can make one from a node's field tuple in
+#: one step and the printer unpacks it in one.
+DumpRecord = tuple[bytes, bytes, int, int, int, int, int, int, int, int, bytes | None,
+                   bytes | None, bytes | None, dict[bytes, bytes]]
 
 
 def _link_targets(root: Node) -> set[int]:
@@ -829,19 +832,14 @@ def _paths_of(root: Node, wanted: set[int]) -> dict[int, bytes]:
     return found
 
 
-#: at most this many distinct escaped xattrs are remembered while printing
-_XATTR_TEXTS_MAX = 4096
-
-
-def _format_lines(root: Node):
+def tree_records(root: Node) -> Iterator[DumpRecord]:
+    """The records :func:`dump_blocks` prints for the tree ``root`` (module docstring,
+    "Printing"): depth first, children in name order, hard links resolved to their node and
+    its path."""
     # Only hard-link targets need their path remembered: memory stays proportional to the
     # depth of the tree and the number of targets, not to the sum of all path lengths.
     targets = _link_targets(root)
     paths: dict[int, bytes] = {id(root): b""} if id(root) in targets else {}
-    esc_std, safe_std = _ESC_STD, _SAFE_STD
-    esc_eq, safe_eq = _ESC_EQ, _SAFE_EQ
-    # (key, value) -> " key=value" escaped: trees repeat a few xattrs (SELinux labels) a lot
-    xattr_texts: dict[tuple[bytes, bytes], bytes] = {}
     for path, entry in iter_tree(root):
         if isinstance(entry, HardLink):
             try:
@@ -855,14 +853,38 @@ def _format_lines(root: Node):
                 target_path = paths.get(id(node))
             if target_path is None:
                 raise ValueError(f"hard link {path!r} points at a node that is not in the tree")
-            at = b"@"
-            payload: bytes | None = target_path
+            yield (path, b"@", node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size,
+                   node.mtime_sec, node.mtime_nsec, target_path, node.content, node.digest,
+                   node.xattrs)
         else:
             node = entry
-            at = b""
-            payload = node.payload
             if targets and id(node) in targets and node is not root:
                 paths[id(node)] = path
+            yield (path, b"", node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size,
+                   node.mtime_sec, node.mtime_nsec, node.payload, node.content, node.digest,
+                   node.xattrs)
+
+
+#: at most this many distinct escaped xattrs are remembered while printing
+_XATTR_TEXTS_MAX = 4096
+#: lines per block :func:`dump_blocks` yields
+_LINES_PER_BLOCK = 4096
+
+
+def dump_blocks(records: Iterable[DumpRecord]) -> Iterator[bytes]:
+    """The dump text of ``records``, in blocks of many lines (module docstring, "Escapes" and
+    "Printing"). The one dump printer: trees (:func:`tree_records`) and images
+    (``mkcfs.inspect.unflatten.dump_records``) are both printed by it."""
+    esc_std, safe_std = _ESC_STD, _SAFE_STD
+    esc_eq, safe_eq = _ESC_EQ, _SAFE_EQ
+    hexlify = binascii.hexlify
+    u32 = U32_MAX
+    # (key, value) -> " key=value" escaped: trees repeat a few xattrs (SELinux labels) a lot
+    xattr_texts: dict[tuple[bytes, bytes], bytes] = {}
+    lines: list[bytes] = []
+    add = lines.append
+    for (path, at, mode, nlink, uid, gid, rdev, size, mtime, mtime_nsec, payload, content,
+         digest, xattrs) in records:
         if path.translate(None, safe_std):
             path = b"".join(map(esc_std.__getitem__, path))
         if payload is None:
@@ -871,19 +893,15 @@ def _format_lines(root: Node):
             payload = b"\\x2d"
         elif payload.translate(None, safe_std):
             payload = b"".join(map(esc_std.__getitem__, payload))
-        content = node.content
         if content is None:
             content = b"-"
         elif content == b"-":
             content = b"\\x2d"
         elif content.translate(None, safe_std):
             content = b"".join(map(esc_std.__getitem__, content))
-        digest = b"-" if node.digest is None else binascii.hexlify(node.digest)
         line = b"%s %d %s%o %d %d %d %d %d.%d %s %s %s" % (
-            path, node.size, at, node.mode, node.nlink & U32_MAX, node.uid & U32_MAX,
-            node.gid & U32_MAX, node.rdev, node.mtime_sec, node.mtime_nsec & U32_MAX,
-            payload, content, digest)
-        xattrs = node.xattrs
+            path, size, at, mode, nlink & u32, uid & u32, gid & u32, rdev, mtime,
+            mtime_nsec & u32, payload, content, b"-" if digest is None else hexlify(digest))
         if xattrs:
             parts = [line]
             for item in xattrs.items():
@@ -899,6 +917,11 @@ def _format_lines(root: Node):
                         xattr_texts[item] = text
                 parts.append(text)
             parts.append(b"\n")
-            yield b"".join(parts)
+            add(b"".join(parts))
         else:
-            yield line + b"\n"
+            add(line + b"\n")
+        if len(lines) >= _LINES_PER_BLOCK:
+            yield b"".join(lines)
+            lines.clear()
+    if lines:
+        yield b"".join(lines)
