@@ -1,17 +1,29 @@
-"""Pure layout planner: flat inode records -> an ``ImagePlan`` (no bytes are written here).
+"""The inode table of an image: each record is placed and packed in one pass, as mkcomposefs 1.0.8
+places it.
 
 The records come in BFS order (record 0 is the root) with their final xattrs, already sorted, and
-directory entries already sorted. The planner decides, exactly as libcomposefs 1.0.8 does:
-compact or extended inodes, the shared xattr table, per-inode xattr bodies, directory block
-splits, inline tails versus data blocks, the tail padding rule, nids, and the data block numbers.
+directory entries already sorted. The rules, exactly those of libcomposefs 1.0.8: compact or
+extended inodes, the shared xattr table, per-inode xattr bodies, directory block splits, inline
+tails versus data blocks, the tail padding rule, nids, and the data block numbers.
 
-**Placement** (per record, in order, from byte 1152): the inode starts at the next multiple of
-32 (its nid is that offset / 32), followed by its xattr body and its inline tail. The tail (the
-last partial block of a file or directory, up to 2048 bytes; an external file's chunk indexes)
-must not cross a block boundary: when it would, zero padding is put *before the inode* so that
-the tail starts just after the boundary (the inode and xattrs may cross blocks). A symlink whose
-inode, xattrs and target would cross a block starts at the next block instead, and one whose
-total reaches 4096 bytes moves its target to a data block.
+**Shared xattrs** (``plan_xattrs``, before any inode is placed): every (key, value) pair used by
+more than one inode goes to the shared table, sorted by key, value length and value, descending;
+an inode references at most 128 of them, the rest of its xattrs are stored in its own body.
+
+**Placement** (``lay_out_inodes``, per record, in order, from byte 1152): the inode starts at the
+next multiple of 32 (its nid is that offset / 32), followed by its xattr body and its inline tail.
+The tail (the last partial block of a file or directory, up to 2048 bytes; an external file's
+chunk indexes) must not cross a block boundary: when it would, zero padding is put *before the
+inode* so that the tail starts just after the boundary (the inode and xattrs may cross blocks). A
+symlink whose inode, xattrs and target would cross a block starts at the next block instead, and
+one whose total reaches 4096 bytes moves its target to a data block. Data blocks are numbered in
+record order after the inode table and the shared xattr table.
+
+The pass writes each inode, its xattr body and its inline tail as soon as its offset is known and
+keeps per inode only its nid and dirent file type. What depends on later inodes is noted in the
+``InodeTable`` for the writer (``erofs.writer``): directory contents (they need the children's
+nids), the block numbers in ``i_u`` and the shared xattr ids (both depend on where the inode table
+ends).
 
 **External files** are chunk based: the chunk size is the file size rounded up to a power of two
 (at least 4096, at most 2^43), and at most 1024 chunk indexes are allowed (``File too large``
@@ -23,34 +35,47 @@ decode that layout).
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
-from dataclasses import dataclass
 from itertools import chain
+from operator import attrgetter, itemgetter
 
 from .errors import LayoutError
 from .format import (
     EROFS_BLKSIZ,
+    EROFS_FT_BLKDEV,
+    EROFS_FT_CHRDEV,
+    EROFS_FT_DIR,
+    EROFS_FT_FIFO,
+    EROFS_FT_REG_FILE,
+    EROFS_FT_SOCK,
+    EROFS_FT_SYMLINK,
+    EROFS_FT_UNKNOWN,
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
     EROFS_MAX_INLINE_TAIL,
-    EROFS_SLOTSIZE,
     EROFS_SUPER_OFFSET,
+    INODE_COMPACT,
+    INODE_EXTENDED,
     LCFS_MAX_NONINLINE_CHUNKS,
     LCFS_MAX_SHARED_XATTRS,
     SUPER_BLOCK,
     XATTR_ENTRY,
-    round_up,
+    XATTR_IBODY_HEADER,
+    ErofsInodeCompact,
+    ErofsInodeExtended,
     xattr_filter_bit,
     xattr_prefix_split,
 )
-from .format import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG  # file type bits
+from .format import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK  # file type bits
 
 #: where the inode table starts: right after the superblock.
 INODES_START = EROFS_SUPER_OFFSET + SUPER_BLOCK.size
 _ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
 
 
 class InodeRecord:
@@ -62,7 +87,7 @@ class InodeRecord:
     ``data`` is a symlink target or inline file content. ``external`` marks a regular file whose
     data lives outside the image (chunk-based, described by overlay xattrs).
 
-    The planner never changes a record: its results are ``InodePlan`` objects, one per record.
+    The layout never changes a record.
     """
 
     __slots__ = ("mode", "nlink", "uid", "gid", "rdev", "size", "mtime_sec", "mtime_nsec",
@@ -93,78 +118,65 @@ _PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 class XattrEntryInfo:
     """One shared (key, value) pair: its encoded entry (header, name suffix, value, zero padding
-    to 4 bytes), its offset in the shared table, and (set by the writer) its encoded id."""
+    to 4 bytes), its offset in the shared table, and its id relative to the table's start (the
+    writer adds the table's position in its block: the kernel resolves an id as
+    ``xattr_blkaddr * 4096 + id * 4``)."""
 
-    __slots__ = ("raw", "shared_offset", "ref")
+    __slots__ = ("raw", "shared_offset", "rel_ref")
 
     def __init__(self, index: int, suffix: bytes, value: bytes, shared_offset: int) -> None:
         self.raw = (_pack_entry_header(len(suffix), index, len(value)) + suffix + value
                     + _PADDING[(len(suffix) + len(value)) & 3])
         self.shared_offset = shared_offset
-        self.ref = b""
+        self.rel_ref = (shared_offset >> 2).to_bytes(4, "little")
 
 
-@dataclass(slots=True)
-class InodePlan:
-    """Where and how one ``InodeRecord`` is stored: the planner's result for it."""
+class XattrPlan:
+    """The xattr decisions taken over all records before any inode is placed: the shared table
+    and, per key seen so far, ``(filter mask, name index, suffix)``."""
 
-    #: node number: byte offset of the inode / 32
-    nid: int
-    #: 32-byte compact inode (mtime = build time, small ids) or 64-byte extended
-    compact: bool
-    #: EROFS_INODE_FLAT_PLAIN, _FLAT_INLINE or _CHUNK_BASED
-    datalayout: int
-    #: the inode's i_size field
-    i_size: int
-    #: the inode's i_u field: first data block, rdev, or chunk format
-    i_u: int
-    #: zero bytes between the end of the previous inode and this one
-    pad: int
-    #: size of the xattr body (0: none): ibody header, 4-byte shared ids, inline entries
-    xattr_size: int
-    #: shared xattrs referenced by id, in the record's key order
-    shared: list[XattrEntryInfo]
-    #: the other xattrs, stored in the body as (key, value)
-    inline: list[tuple[bytes, bytes]]
-    #: stored (inverted) xattr name bloom filter
-    name_filter: int
-    #: bytes stored inline right after the inode and its xattr body
-    tail: int
-    #: data blocks of the inode, starting at block ``first_block``
-    n_blocks: int
-    first_block: int
-    #: a directory's dirent index ranges per block; the last is the inline tail when ``tail`` > 0
-    dir_chunks: list[tuple[int, int]]
-    #: log2 of the chunk size of an external file (0 for anything else)
-    chunkbits: int
+    __slots__ = ("key_info", "shared", "table", "size", "has_acl")
+
+    def __init__(self) -> None:
+        self.key_info: dict[bytes, tuple[int, int, bytes]] = {}
+        #: (key, value) -> its shared entry
+        self.shared: dict[tuple[bytes, bytes], XattrEntryInfo] = {}
+        #: the shared entries in table order
+        self.table: list[XattrEntryInfo] = []
+        #: bytes of the shared table
+        self.size = 0
+        #: some inode has a POSIX ACL (the header's HAS_ACL flag): set as keys are first seen,
+        #: so final once ``lay_out_inodes`` has seen every record
+        self.has_acl = False
+
+    def split_key(self, key: bytes) -> tuple[int, int, bytes]:
+        """``(filter mask, name index, suffix)`` of ``key``, remembered in ``key_info``."""
+        index, suffix = xattr_prefix_split(key)
+        info = self.key_info[key] = (1 << xattr_filter_bit(index, suffix), index, suffix)
+        if key in _ACL_KEYS:
+            self.has_acl = True
+        return info
 
 
-@dataclass(slots=True)
-class ImagePlan:
-    """Everything the writer needs to emit an image."""
-
-    records: list[InodeRecord]
-    #: placement of ``records[i]`` is ``inodes[i]``
-    inodes: list[InodePlan]
-    key_info: dict[bytes, tuple[int, bytes, int]]   # xattr key -> (name index, suffix, filter mask)
-    shared_table: list[XattrEntryInfo]
-    shared_size: int
-    inodes_end: int
-    data_start: int
-    n_data_blocks: int
-    build_time: int
-    build_time_nsec: int
-    has_acl: bool
-
-    @property
-    def image_size(self) -> int:
-        return self.data_start + self.n_data_blocks * EROFS_BLKSIZ
-
-
-_NO_CHUNKS: list[tuple[int, int]] = []
-#: an InodePlan's ``shared`` / ``inline`` when it has none (shared, never changed)
-_NO_SHARED: list[XattrEntryInfo] = []
-_NO_INLINE: list[tuple[bytes, bytes]] = []
+def plan_xattrs(records: list[InodeRecord]) -> XattrPlan:
+    """The shared xattr table of ``records``: each (key, value) pair used more than once."""
+    plan = XattrPlan()
+    # (Counter counts in C: half the time of a Python loop, which the 2M-entry build felt)
+    counts = Counter(chain.from_iterable(map(attrgetter("xattrs"), records)))
+    shared_pairs = sorted((p for p, n in counts.items() if n > 1),
+                          key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
+    del counts
+    key_info = plan.key_info
+    shared = plan.shared
+    table = plan.table
+    offset = 0
+    for pair in shared_pairs:
+        _, index, suffix = key_info.get(pair[0]) or plan.split_key(pair[0])
+        info = shared[pair] = XattrEntryInfo(index, suffix, pair[1], offset)
+        offset += len(info.raw)
+        table.append(info)
+    plan.size = offset
+    return plan
 
 
 def dirent_split(dirents: list[tuple[bytes, int]]) -> tuple[list[tuple[int, int]], int]:
@@ -188,177 +200,259 @@ def dirent_split(dirents: list[tuple[bytes, int]]) -> tuple[list[tuple[int, int]
     return chunks, block_size
 
 
-def _min_mtime(records: list[InodeRecord]) -> tuple[int, int]:
-    best = (records[0].mtime_sec, records[0].mtime_nsec)
-    for rec in records:
-        if rec.mtime_sec <= best[0]:
-            cand = (rec.mtime_sec, rec.mtime_nsec)
-            if cand < best:
-                best = cand
-    return best
+def dirents_bytes(dirents: list[tuple[bytes, int]]) -> int:
+    """Bytes of ``dirents`` packed together: 12 per entry plus the names."""
+    return 12 * len(dirents) + sum(map(len, map(_name_of, dirents)))
 
 
-def plan_image(records: list[InodeRecord]) -> ImagePlan:
-    """Lay out ``records`` (BFS order, root first) exactly as mkcomposefs 1.0.8 would."""
-    # --- shared xattrs: count identical (key, value) pairs over all inodes ---------------------
-    # (Counter counts in C: half the time of a Python loop, which the 2M-entry build felt)
-    counts = Counter(chain.from_iterable([rec.xattrs for rec in records]))
-    shared_pairs = sorted((p for p, n in counts.items() if n > 1),
-                          key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
-    del counts
-    key_info: dict[bytes, tuple[int, bytes, int]] = {}   # key -> (index, suffix, filter mask)
-    has_acl = False
+_name_of = itemgetter(0)
 
-    def split_key(key: bytes) -> tuple[int, bytes, int]:
-        nonlocal has_acl
-        index, suffix = xattr_prefix_split(key)
-        info = key_info[key] = (index, suffix, 1 << xattr_filter_bit(index, suffix))
-        if key in _ACL_KEYS:
-            has_acl = True
-        return info
 
-    shared_infos: dict[tuple[bytes, bytes], XattrEntryInfo] = {}
-    shared_table = []
+def _field_offset(declaration: object, name: str) -> int:
     offset = 0
-    for pair in shared_pairs:
-        index, suffix, _ = key_info.get(pair[0]) or split_key(pair[0])
-        info = shared_infos[pair] = XattrEntryInfo(index, suffix, pair[1], offset)
-        offset += len(info.raw)
-        shared_table.append(info)
-    shared_size = offset
-    get_key_info = key_info.get
-    get_shared = shared_infos.get
+    for field in declaration.subcons:  # type: ignore[attr-defined]
+        if field.name == name:
+            return offset
+        offset += field.sizeof()
+    raise KeyError(name)
 
-    build_time, build_time_nsec = _min_mtime(records)
 
-    # --- per-inode placement -----------------------------------------------------------------
+#: where ``i_u`` is in a compact and in an extended inode
+I_U_COMPACT = _field_offset(ErofsInodeCompact, "i_u")
+I_U_EXTENDED = _field_offset(ErofsInodeExtended, "i_u")
+#: dirent file type by ``mode >> 12``
+_FILE_TYPES = [EROFS_FT_UNKNOWN] * 16
+for _mode, _ft in ((S_IFREG, EROFS_FT_REG_FILE), (S_IFDIR, EROFS_FT_DIR),
+                   (S_IFCHR, EROFS_FT_CHRDEV), (S_IFBLK, EROFS_FT_BLKDEV),
+                   (S_IFIFO, EROFS_FT_FIFO), (S_IFSOCK, EROFS_FT_SOCK),
+                   (S_IFLNK, EROFS_FT_SYMLINK)):
+    _FILE_TYPES[_mode >> 12] = _ft
+_FF = b"\xff" * (4 * LCFS_MAX_NONINLINE_CHUNKS)
+_ZEROS = bytes(1 << 20)
+
+
+def extend_with_zeros(buffer: bytearray, n: int) -> None:
+    """Append ``n`` zero bytes to ``buffer`` a MiB at a time (no temporary of size ``n``: the
+    image buffer is the largest object of a build)."""
+    while n > len(_ZEROS):
+        buffer += _ZEROS
+        n -= len(_ZEROS)
+    buffer += _ZEROS[:n]
+
+
+class InodeTable:
+    """The packed inode table and what the writer must still fill in.
+
+    ``data`` holds the image from offset 0 up to ``end`` (the end of the last inode's tail);
+    header, superblock and everything after ``end`` are still zeros, and ``data`` may be longer.
+    Blocks are numbered from 0 = the first data block (the writer adds the data area's start).
+    """
+
+    __slots__ = ("data", "end", "nids", "file_types", "build_time", "build_time_nsec",
+                 "n_blocks", "dirs", "blocks", "block_addrs", "shared_refs")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.end = INODES_START
+        #: nid of each record
+        self.nids = array("Q")
+        #: dirent file type (``EROFS_FT_*``) of each record
+        self.file_types = bytearray()
+        #: mtime of the compact inodes (the oldest of all), in the superblock
+        self.build_time = 0
+        self.build_time_nsec = 0
+        #: data blocks of all inodes
+        self.n_blocks = 0
+        #: per directory, 4 numbers: its record index, the offset of its inline tail (-1: none),
+        #: the tail's size, its first data block (-1: none)
+        self.dirs = array("q")
+        #: the other inodes with data blocks: (first block, number of blocks, bytes of the first
+        #: block or None for a block of 0xFF chunk indexes); mkcomposefs writes only the first
+        self.blocks: list[tuple[int, int, bytes | None]] = []
+        #: inodes with data blocks: (offset of ``i_u``, first block, chunk format or -1)
+        self.block_addrs: list[tuple[int, int, int]] = []
+        #: offsets of the 4-byte shared xattr ids (written relative to the shared table)
+        self.shared_refs = array("Q")
+
+
+def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
+    """Place and pack ``records`` (BFS order, root first) exactly as mkcomposefs 1.0.8 would."""
+    table = InodeTable()
+    build_time, build_time_nsec = min(map(attrgetter("mtime_sec", "mtime_nsec"), records))
+    table.build_time, table.build_time_nsec = build_time, build_time_nsec
+    out = bytearray(INODES_START + 160 * len(records) + EROFS_BLKSIZ)   # grows when needed
+    capacity = len(out)
+    add_nid = table.nids.append
+    add_file_type = table.file_types.append
+    add_dir = table.dirs.extend
+    add_block = table.blocks.append
+    add_block_addr = table.block_addrs.append
+    add_shared_ref = table.shared_refs.append
+    file_types = _FILE_TYPES
+    pack_compact = INODE_COMPACT.pack_into
+    pack_extended = INODE_EXTENDED.pack_into
+    pack_ihdr = XATTR_IBODY_HEADER.pack
+    pack_entry = _pack_entry_header
+    padding = _PADDING
+    get_key_info = xattrs.key_info.get
+    split_key = xattrs.split_key
+    get_shared = xattrs.shared.get if xattrs.shared else None
+    names_of = _name_of
+    ff = _FF
+
     pos = INODES_START
-    n_data_blocks = 0
-    inodes: list[InodePlan] = []
-    add_inode = inodes.append
-    for rec in records:
-        ftype = rec.mode & S_IFMT
-        dir_chunks: list[tuple[int, int]] = _NO_CHUNKS
-        chunkbits = 0
-        # (n_blocks, tail)
-        if ftype == S_IFDIR:
-            assert rec.dirents is not None
-            dir_chunks, tail = dirent_split(rec.dirents)
-            n_blocks = len(dir_chunks) - (1 if tail else 0)
+    block = 0                 # next data block
+    last_xattrs: list[tuple[bytes, bytes]] | None = None
+    body = b""
+    n_refs = 0
+    for index, rec in enumerate(records):
+        mode = rec.mode
+        ftype = mode & S_IFMT
+        size = rec.size
+        tail = 0
+        n_blocks = 0
+        i_u = 0
+        datalayout = EROFS_INODE_FLAT_PLAIN
+        # --- data: (n_blocks, tail) ----------------------------------------------------------
+        if ftype == S_IFREG:
+            if size > 0:
+                if rec.external:
+                    chunkbits = (size - 1).bit_length()
+                    if chunkbits <= 12:
+                        chunkbits, chunk_count = 12, 1
+                    else:
+                        if chunkbits > 43:
+                            chunkbits = 43
+                        chunk_count = ((size - 1) >> chunkbits) + 1
+                    if chunk_count > LCFS_MAX_NONINLINE_CHUNKS:
+                        raise LayoutError("File too large")
+                    tail = 4 * chunk_count
+                    datalayout = EROFS_INODE_CHUNK_BASED
+                    i_u = chunkbits - 12
+                else:
+                    n_blocks, tail = divmod(size, EROFS_BLKSIZ)
+                    if tail > EROFS_MAX_INLINE_TAIL:
+                        n_blocks += 1
+                        tail = 0
+        elif ftype == S_IFDIR:
+            dirents = rec.dirents
+            assert dirents is not None
+            tail = 12 * len(dirents) + sum(map(len, map(names_of, dirents)))
+            if tail > EROFS_BLKSIZ:
+                chunks, tail = dirent_split(dirents)
+                n_blocks = len(chunks) - (1 if tail else 0)
+            elif tail > EROFS_MAX_INLINE_TAIL:
+                n_blocks, tail = 1, 0
             size = n_blocks * EROFS_BLKSIZ + tail
         elif ftype == S_IFLNK:
             assert rec.data is not None
-            n_blocks, tail = 0, len(rec.data)
-            size = rec.size
-        elif ftype == S_IFREG and rec.size > 0:
-            if rec.external:
-                chunkbits = (rec.size - 1).bit_length()
-                if chunkbits <= 12:
-                    chunkbits, chunk_count = 12, 1
-                else:
-                    if chunkbits > 43:
-                        chunkbits = 43
-                    chunk_count = ((rec.size - 1) >> chunkbits) + 1
-                if chunk_count > LCFS_MAX_NONINLINE_CHUNKS:
-                    raise LayoutError("File too large")
-                n_blocks, tail = 0, 4 * chunk_count
-            else:
-                n_blocks, tail = divmod(rec.size, EROFS_BLKSIZ)
-                if tail > EROFS_MAX_INLINE_TAIL:
-                    n_blocks += 1
-                    tail = 0
-            size = rec.size
-        else:
-            n_blocks, tail = 0, 0
-            size = rec.size
+            tail = len(rec.data)
+        elif ftype == S_IFCHR or ftype == S_IFBLK:
+            i_u = rec.rdev & _U32
 
         compact = (rec.mtime_sec == build_time and rec.mtime_nsec == build_time_nsec
                    and rec.nlink <= _U16 and rec.uid <= _U16 and rec.gid <= _U16
                    and size <= _U32)
-        isz = 32 if compact else 64
 
-        # xattr body
-        shared: list[XattrEntryInfo] = _NO_SHARED
-        inline: list[tuple[bytes, bytes]] = _NO_INLINE
-        name_filter = 0
-        xsize = 0
-        xattrs = rec.xattrs
-        if xattrs:
-            inline = xattrs
-            inline_size = 0
-            for i, pair in enumerate(xattrs):
-                ki = get_key_info(pair[0]) or split_key(pair[0])
-                name_filter |= ki[2]
-                shared_info = get_shared(pair) if shared_infos else None
-                if shared_info is not None and len(shared) < LCFS_MAX_SHARED_XATTRS:
-                    if shared is _NO_SHARED:   # the first shared one: the pairs before it
-                        shared = []            # are inline (until now ``inline`` is the
-                        inline = xattrs[:i]    # record's own list, not a copy)
-                    shared.append(shared_info)
-                else:
-                    if inline is not xattrs:
-                        inline.append(pair)
-                    inline_size += (7 + len(ki[1]) + len(pair[1])) & ~3
-            xsize = 12 + 4 * len(shared) + inline_size
-            name_filter = _U32 & ~name_filter
+        # --- xattr body ----------------------------------------------------------------------
+        rec_xattrs = rec.xattrs
+        if rec_xattrs:
+            if rec_xattrs is not last_xattrs:   # records often share one list: reuse its body
+                last_xattrs = rec_xattrs
+                name_filter = 0
+                refs: list[bytes] = []
+                parts: list[bytes] = [b""]
+                for pair in rec_xattrs:
+                    key, value = pair
+                    mask, name_index, suffix = get_key_info(key) or split_key(key)
+                    name_filter |= mask
+                    shared = get_shared(pair) if get_shared is not None else None
+                    if shared is not None and len(refs) < LCFS_MAX_SHARED_XATTRS:
+                        refs.append(shared.rel_ref)
+                    else:
+                        parts += (pack_entry(len(suffix), name_index, len(value)), suffix, value,
+                                  padding[(len(suffix) + len(value)) & 3])
+                n_refs = len(refs)
+                parts[0] = pack_ihdr(_U32 & ~name_filter, n_refs, b"")
+                if n_refs:
+                    parts[1:1] = refs
+                body = b"".join(parts)
+            xsize = len(body)
+        else:
+            xsize = 0
 
-        # placement
+        # --- placement -----------------------------------------------------------------------
         p = (pos + 31) & ~31
+        head = (32 if compact else 64) + xsize
         if ftype == S_IFLNK:
-            total = isz + xsize + tail
+            total = head + tail
             if total >= EROFS_BLKSIZ:
                 n_blocks += 1
                 tail = 0
-            crosses = p // EROFS_BLKSIZ != (p + total - 1) // EROFS_BLKSIZ
-            extra = (round_up(p, EROFS_BLKSIZ) - p) if crosses else 0
-        else:
-            remainder = EROFS_BLKSIZ - ((p + isz + xsize) % EROFS_BLKSIZ)
-            extra = 0
+            if p // EROFS_BLKSIZ != (p + total - 1) // EROFS_BLKSIZ:
+                p = (p + EROFS_BLKSIZ - 1) & ~(EROFS_BLKSIZ - 1)
+        elif tail:
+            remainder = EROFS_BLKSIZ - ((p + head) % EROFS_BLKSIZ)
             if remainder < tail:
-                extra = round_up(remainder, EROFS_SLOTSIZE)
-                remainder = EROFS_BLKSIZ - ((p + isz + xsize + extra) % EROFS_BLKSIZ)
+                extra = (remainder + 31) & ~31
+                remainder = EROFS_BLKSIZ - ((p + head + extra) % EROFS_BLKSIZ)
                 if tail > remainder:
                     n_blocks += 1
                     tail = 0
-                    extra = round_up(p, EROFS_BLKSIZ) - p
-        start = p + extra
+                    p = (p + EROFS_BLKSIZ - 1) & ~(EROFS_BLKSIZ - 1)
+                else:
+                    p += extra
+        pos = p + head + tail
+        if pos > capacity:
+            extend_with_zeros(out, max(capacity >> 1, pos - capacity))
+            capacity = len(out)
 
-        # datalayout, i_size
-        datalayout = EROFS_INODE_FLAT_INLINE if tail > 0 else EROFS_INODE_FLAT_PLAIN
-        if ftype == S_IFDIR:
-            i_size = size
-        elif ftype == S_IFREG:
+        # --- the inode -------------------------------------------------------------------------
+        if tail and datalayout == EROFS_INODE_FLAT_PLAIN:
+            datalayout = EROFS_INODE_FLAT_INLINE
+        if ftype == S_IFREG:
             i_size = rec.size
-            if rec.size > 0 and rec.external:
-                datalayout = EROFS_INODE_CHUNK_BASED
+        elif ftype == S_IFDIR:
+            i_size = size
         elif ftype == S_IFLNK:
             i_size = tail if n_blocks == 0 else rec.size
         else:
             i_size = 0
+        icount = (xsize - 8) >> 2 if xsize else 0
+        if compact:
+            pack_compact(out, p, datalayout << 1, icount, mode & _U16, rec.nlink, i_size, 0, i_u,
+                         index, rec.uid, rec.gid, 0)
+            q = p + 32
+        else:
+            pack_extended(out, p, (datalayout << 1) | 1, icount, mode & _U16, 0, i_size & _U64,
+                          i_u, index, rec.uid & _U32, rec.gid & _U32, rec.mtime_sec & _U64,
+                          rec.mtime_nsec & _U32, rec.nlink & _U32, b"")
+            q = p + 64
+        if n_blocks:
+            add_block_addr((q - 32 + I_U_COMPACT if compact else q - 64 + I_U_EXTENDED, block,
+                            i_u if datalayout == EROFS_INODE_CHUNK_BASED else -1))
+            if ftype != S_IFDIR:
+                add_block((block, n_blocks, None if datalayout == EROFS_INODE_CHUNK_BASED
+                           else rec.data[:EROFS_BLKSIZ]))  # type: ignore[index]
+        if xsize:
+            out[q:q + xsize] = body
+            for k in range(q + 12, q + 12 + 4 * n_refs, 4):
+                add_shared_ref(k)
+            q += xsize
+        if ftype == S_IFDIR:
+            add_dir((index, q if tail else -1, tail, block if n_blocks else -1))
+        elif tail:
+            if datalayout == EROFS_INODE_CHUNK_BASED:
+                out[q:q + tail] = ff[:tail]
+            else:
+                data = rec.data
+                assert data is not None
+                out[q:q + tail] = data if len(data) == tail else data[len(data) - tail:]
+        block += n_blocks
+        add_nid(p >> 5)
+        add_file_type(file_types[ftype >> 12])
 
-        add_inode(InodePlan(start >> 5, compact, datalayout, i_size, 0, start - pos, xsize, shared,
-                            inline, name_filter, tail, n_blocks, 0, dir_chunks, chunkbits))
-        n_data_blocks += n_blocks
-        pos = start + isz + xsize + tail
-
-    inodes_end = round_up(pos, EROFS_SLOTSIZE)
-    data_start = round_up(inodes_end + shared_size, EROFS_BLKSIZ)
-
-    # --- data blocks in BFS order, i_u ---------------------------------------------------------
-    block = data_start // EROFS_BLKSIZ
-    for rec, ino in zip(records, inodes):
-        ftype = rec.mode & S_IFMT
-        if ftype == S_IFCHR or ftype == S_IFBLK:
-            ino.i_u = rec.rdev & _U32
-        elif ftype == S_IFDIR or ftype == S_IFREG or ftype == S_IFLNK:
-            if ino.n_blocks:
-                ino.first_block = block
-                ino.i_u = block & _U32
-                block += ino.n_blocks
-            if ino.datalayout == EROFS_INODE_CHUNK_BASED:
-                ino.i_u = (ino.i_u & 0xFFFF0000) | (ino.chunkbits - 12)
-
-    return ImagePlan(records=records, inodes=inodes, key_info=key_info, shared_table=shared_table,
-                     shared_size=shared_size, inodes_end=inodes_end, data_start=data_start,
-                     n_data_blocks=n_data_blocks, build_time=build_time,
-                     build_time_nsec=build_time_nsec, has_acl=has_acl)
+    table.data = out
+    table.end = pos
+    table.n_blocks = block
+    return table

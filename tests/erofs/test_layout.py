@@ -1,7 +1,9 @@
-"""The planner (erofs.layout) on hand-made inode records: placement rules checked one by one.
+"""The layout (erofs.layout) and writer on hand-made inode records: placement rules checked one by
+one.
 
-Each test states a rule of mkcomposefs 1.0.8's layout and checks the plan the rule implies; the
-golden and conformance tests check whole images, these say which rule broke.
+Each test states a rule of mkcomposefs 1.0.8's layout and checks what the rule implies, in the
+``InodeTable`` (nids, build time, blocks) and in the image as the reader decodes it; the golden
+and conformance tests check whole images, these say which rule broke.
 """
 
 from __future__ import annotations
@@ -15,10 +17,21 @@ from erofs.format import (
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
+    LCFS_EROFS_FLAGS_HAS_ACL,
     LCFS_MAX_SHARED_XATTRS,
 )
-from erofs.layout import INODES_START, InodeRecord, LayoutError, dirent_split, plan_image
-from erofs.writer import emit_image
+from erofs.errors import InternalError
+from erofs.layout import (
+    INODES_START,
+    InodeRecord,
+    InodeTable,
+    LayoutError,
+    dirent_split,
+    lay_out_inodes,
+    plan_xattrs,
+)
+from erofs.reader import Image, Inode
+from erofs.writer import build_image, emit_image
 
 T = 1_700_000_000
 
@@ -39,92 +52,116 @@ def _link(target: bytes) -> InodeRecord:
     return InodeRecord(stat.S_IFLNK | 0o777, 1, 0, 0, 0, len(target), T, 0, [], None, target)
 
 
+def _build(records: list[InodeRecord]) -> tuple[InodeTable, Image, list[Inode]]:
+    """The inode table of ``records``, their image and its inodes in record order."""
+    xattrs = plan_xattrs(records)
+    table = lay_out_inodes(records, xattrs)
+    nids = list(table.nids)
+    image = Image(emit_image(records, table, xattrs, 1))
+    return table, image, [image.inode(nid) for nid in nids]
+
+
+def _tail(ino: Inode) -> int:
+    """Bytes stored inline after the inode and its xattrs."""
+    if ino.layout == EROFS_INODE_FLAT_INLINE:
+        return ino.size % EROFS_BLKSIZ
+    return 0
+
+
 def test_root_first_at_the_start_of_the_inode_table():
-    plan = plan_image([_dir([])])
-    root = plan.inodes[0]
-    assert root.nid == INODES_START // 32 == 36
-    assert root.pad == 0 and root.compact
-    assert plan.records[0].dirents is not None
+    table, image, inodes = _build([_dir([])])
+    assert table.nids[0] == INODES_START // 32 == 36 == image.root_nid
+    assert inodes[0].offset == INODES_START and not inodes[0].extended
 
 
 def test_compact_only_with_the_build_time_and_small_ids():
     records = [_dir([(b"a", 1), (b"b", 2), (b"c", 3)]), _file(mtime=T), _file(mtime=T + 1),
                _file(uid=70000)]
-    plan = plan_image(records)
-    assert (plan.build_time, plan.build_time_nsec) == (T, 0)
-    assert [i.compact for i in plan.inodes] == [True, True, False, False]
+    table, image, inodes = _build(records)
+    assert (table.build_time, table.build_time_nsec) == (T, 0)
+    assert (image.build_time, image.build_time_nsec) == (T, 0)
+    assert [not i.extended for i in inodes] == [True, True, False, False]
 
 
 def test_build_time_is_the_oldest_mtime():
-    plan = plan_image([_dir([(b"a", 1)], mtime=T + 5), _file(mtime=T - 3)])
-    assert plan.build_time == T - 3
-    assert [i.compact for i in plan.inodes] == [False, True]
+    table, image, inodes = _build([_dir([(b"a", 1)], mtime=T + 5), _file(mtime=T - 3)])
+    assert table.build_time == image.build_time == T - 3
+    assert [not i.extended for i in inodes] == [False, True]
 
 
 def test_nids_follow_record_order_and_are_slot_aligned():
     records = [_dir([(b"a", 1), (b"b", 2)]), _file(), _link(b"target")]
-    plan = plan_image(records)
-    offsets = [i.nid * 32 for i in plan.inodes]
-    assert offsets == sorted(offsets)
-    assert all(i.nid * 32 % 32 == 0 for i in plan.inodes)
+    table, _, inodes = _build(records)
+    offsets = [nid * 32 for nid in table.nids]
+    assert offsets == sorted(offsets) == [i.offset for i in inodes]
+    assert [i.ino for i in inodes] == [0, 1, 2]
 
 
 def test_small_file_is_inline_large_file_gets_blocks():
     small = _file(100, b"x" * 100)
     large = _file(5000, b"y" * 5000)
-    plan = plan_image([_dir([(b"l", 2), (b"s", 1)]), small, large])
-    s, big = plan.inodes[1], plan.inodes[2]
-    assert (s.datalayout, s.tail, s.n_blocks) == (EROFS_INODE_FLAT_INLINE, 100, 0)
-    assert (big.datalayout, big.tail, big.n_blocks) == (EROFS_INODE_FLAT_INLINE, 5000 - 4096, 1)
-    assert big.i_u == big.first_block == plan.data_start // EROFS_BLKSIZ + plan.inodes[0].n_blocks
+    table, image, inodes = _build([_dir([(b"l", 2), (b"s", 1)]), small, large])
+    s, big = inodes[1], inodes[2]
+    assert (s.layout, _tail(s), image.extents(s)) == (EROFS_INODE_FLAT_INLINE, 100, [(s.tail_offset, 100)])
+    assert (big.layout, _tail(big)) == (EROFS_INODE_FLAT_INLINE, 5000 - 4096)
+    assert table.n_blocks == 1
+    data_start = image.size - EROFS_BLKSIZ
+    assert big.i_u == data_start // EROFS_BLKSIZ     # the first (and only) data block
+    assert image.data_bytes(big, 5000) == b"y" * 5000
 
 
 def test_tail_above_half_a_block_becomes_a_block():
-    plan = plan_image([_dir([(b"f", 1)]), _file(3000, b"z" * 3000)])
-    f = plan.inodes[1]
-    assert (f.datalayout, f.tail, f.n_blocks) == (EROFS_INODE_FLAT_PLAIN, 0, 1)
+    _, image, inodes = _build([_dir([(b"f", 1)]), _file(3000, b"z" * 3000)])
+    f = inodes[1]
+    assert (f.layout, _tail(f), f.i_u) == (EROFS_INODE_FLAT_PLAIN, 0, image.blocks - 1)
+    assert image.data_bytes(f, 3000) == b"z" * 3000
 
 
 def test_external_file_is_chunk_based_with_ff_chunk_indexes():
     size = (1 << 20) + 1
-    plan = plan_image([_dir([(b"e", 1)]), _file(size, external=True)])
-    e = plan.inodes[1]
-    assert e.datalayout == EROFS_INODE_CHUNK_BASED
-    assert e.chunkbits == 21 and e.tail == 4 and e.i_u == 21 - 12
-    image = emit_image(plan, 1)
-    tail_at = e.nid * 32 + 32 + e.xattr_size
-    assert image[tail_at:tail_at + 4] == b"\xff" * 4
+    _, image, inodes = _build([_dir([(b"e", 1)]), _file(size, external=True)])
+    e = inodes[1]
+    assert e.layout == EROFS_INODE_CHUNK_BASED
+    assert e.i_u == 21 - 12                     # chunk format: chunkbits - 12
+    assert image.data[e.tail_offset:e.tail_offset + 8] == b"\xff" * 4 + b"\0" * 4
 
 
 def test_file_too_large_for_the_chunk_map():
     with pytest.raises(LayoutError):
-        plan_image([_dir([(b"e", 1)]), _file(1 << 60, external=True)])
+        build_image([_dir([(b"e", 1)]), _file(1 << 60, external=True)], 1)
 
 
 def test_shared_xattrs_are_pairs_used_twice_sorted_descending():
     a = [(b"user.a", b"1"), (b"user.b", b"2")]
-    plan = plan_image([_dir([(b"f", 1), (b"g", 2)], xattrs=[(b"user.b", b"2")]),
-                       _file(xattrs=a), _file(xattrs=[(b"user.a", b"1"), (b"user.c", b"3")])])
-    shared = [info.raw for info in plan.shared_table]
+    records = [_dir([(b"f", 1), (b"g", 2)], xattrs=[(b"user.b", b"2")]),
+               _file(xattrs=a), _file(xattrs=[(b"user.a", b"1"), (b"user.c", b"3")])]
+    xattrs = plan_xattrs(records)
+    shared = [info.raw for info in xattrs.table]
     assert len(shared) == 2                    # user.a=1 and user.b=2 appear twice, user.c once
     assert shared[0][4:5] == b"b" and shared[1][4:5] == b"a"   # sorted by key, descending
-    f, g = plan.inodes[1], plan.inodes[2]
-    assert len(f.shared) == 2 and f.inline == []
-    assert len(g.shared) == 1 and g.inline == [(b"user.c", b"3")]
+    _, image, inodes = _build(records)
+    f, g = inodes[1], inodes[2]
+    (f_inline, f_ids), (g_inline, g_ids) = image.xattr_body(f), image.xattr_body(g)
+    assert len(f_ids) == 2 and len(f_inline) == 0
+    assert len(g_ids) == 1 and [(i, bytes(s)) for i, s, _, _ in g_inline] == [(1, b"c")]
     assert f.xattr_size == 12 + 8 and g.xattr_size == 12 + 4 + ((4 + 1 + 1 + 3) & ~3)
+    assert sorted((e.key, e.value) for e in image.xattrs(g)) == [(b"user.a", b"1"), (b"user.c", b"3")]
+    assert sorted((e.key, e.value) for e in image.xattrs(f)) == a
 
 
 def test_at_most_128_shared_references_per_inode():
     many = [(b"user.k%03d" % i, b"v") for i in range(LCFS_MAX_SHARED_XATTRS + 5)]
-    plan = plan_image([_dir([(b"f", 1), (b"g", 2)]), _file(xattrs=many), _file(xattrs=many)])
-    f = plan.inodes[1]
-    assert len(f.shared) == LCFS_MAX_SHARED_XATTRS and len(f.inline) == 5
+    _, image, inodes = _build([_dir([(b"f", 1), (b"g", 2)]), _file(xattrs=many), _file(xattrs=many)])
+    inline, ids = image.xattr_body(inodes[1])
+    assert len(ids) == LCFS_MAX_SHARED_XATTRS and len(inline) == 5
 
 
 def test_acl_sets_the_header_flag():
     acl = [(b"system.posix_acl_access", b"\x02\x00\x00\x00")]
-    assert plan_image([_dir([(b"f", 1)]), _file(xattrs=acl)]).has_acl
-    assert not plan_image([_dir([(b"f", 1)]), _file()]).has_acl
+    assert _build([_dir([(b"f", 1)]), _file(xattrs=acl)])[1].flags == LCFS_EROFS_FLAGS_HAS_ACL
+    assert _build([_dir([(b"f", 1)]), _file()])[1].flags == 0
+    acl_twice = [_dir([(b"f", 1), (b"g", 2)]), _file(xattrs=acl), _file(xattrs=acl)]
+    assert _build(acl_twice)[1].flags == LCFS_EROFS_FLAGS_HAS_ACL      # a shared ACL too
 
 
 def test_dirent_split_fills_blocks_and_keeps_a_small_tail():
@@ -138,21 +175,55 @@ def test_dirent_split_fills_blocks_and_keeps_a_small_tail():
     assert chunks == [(0, 10)] and tail == 170
 
 
+@pytest.mark.parametrize("n_files, tail_inline", [(10, True), (230, False), (300, True), (400, False)])
+def test_directory_blocks_and_tail_hold_every_entry(n_files, tail_inline):
+    names = [b"n%04d" % i for i in range(n_files)]       # 17 bytes per dirent
+    records = [_dir([(name, i + 1) for i, name in enumerate(names)])]
+    records += [_file() for _ in names]
+    table, image, inodes = _build(records)
+    root = inodes[0]
+    assert (root.layout == EROFS_INODE_FLAT_INLINE) == tail_inline
+    listed = sorted((name, nid) for name, nid, _ in image.dirents(root))
+    expected = sorted([(b".", table.nids[0]), (b"..", table.nids[0])]
+                      + [(name, table.nids[i + 1]) for i, name in enumerate(names)])
+    assert listed == expected
+
+
 def test_inline_tail_never_crosses_a_block():
     records = [_dir([(b"f%03d" % i, i + 1) for i in range(60)])]
     records += [_file(1000, b"q" * 1000) for _ in range(60)]
-    plan = plan_image(records)
+    _, _, inodes = _build(records)
     moved = 0
-    for ino in plan.inodes[1:]:
-        tail_start = ino.nid * 32 + 32 + ino.xattr_size
-        assert tail_start // EROFS_BLKSIZ == (tail_start + ino.tail - 1) // EROFS_BLKSIZ
-        moved += ino.pad > 0
+    end = inodes[0].tail_offset + _tail(inodes[0])
+    for ino in inodes[1:]:
+        tail = _tail(ino)
+        assert tail == 1000
+        assert ino.tail_offset // EROFS_BLKSIZ == (ino.tail_offset + tail - 1) // EROFS_BLKSIZ
+        moved += ino.offset > (end + 31) & ~31
+        end = ino.tail_offset + tail
     assert moved      # some inodes had to be pushed to keep their tail in one block
 
 
-def test_planner_leaves_the_records_unchanged():
+def test_long_symlink_target_moves_to_a_block():
+    target = b"t" * 4070                    # 32 + 4070 bytes reach a block
+    _, image, inodes = _build([_dir([(b"l", 1)]), _link(target)])
+    link = inodes[1]
+    assert (link.layout, link.size, link.offset % EROFS_BLKSIZ) == (EROFS_INODE_FLAT_PLAIN, 4070, 0)
+    assert image.data_bytes(link, 4096) == target
+
+
+def test_layout_leaves_the_records_unchanged():
     records = [_dir([(b"a", 1)]), _file(10, b"0123456789")]
     before = [(r.mode, r.size, r.xattrs, r.dirents, r.data) for r in records]
-    plan_image(records)
+    build_image(records, 1)
     assert [(r.mode, r.size, r.xattrs, r.dirents, r.data) for r in records] == before
     assert not hasattr(records[0], "nid")
+
+
+def test_a_layout_writer_disagreement_is_an_internal_error():
+    records = [_dir([(b"a", 1)]), _file(10, b"0123456789")]
+    xattrs = plan_xattrs(records)
+    table = lay_out_inodes(records, xattrs)
+    table.dirs[2] += 1              # the root's inline dirents said to be one byte longer
+    with pytest.raises(InternalError):
+        emit_image(records, table, xattrs, 1)
