@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+from bisect import bisect_left
+from itertools import repeat
 
 from erofs.format import LCFS_MAX_NONINLINE_CHUNKS, chunk_params
 from erofs.layout import InodeRecord
@@ -120,141 +122,161 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
     """Inode records in BFS order (record 0 is the root) for writing ``root`` at ``version``."""
     if not root.is_dir():
         raise WriteError(errno.ENOTDIR, "the root must be a directory")
+    # the queue grows while it is walked (breadth first): a directory appends its children, whose
+    # record indices are their queue positions; parents[i] is the record index of queue[i]'s parent
     queue: list[Node] = [root]
     parents: list[int] = [0]
     records: list[InodeRecord] = []
-    index_of: dict[int, int] = {id(root): 0}
-    # record index -> (node, additions) for nodes whose xattrs the writer changes
-    additions: dict[int, tuple[Node, list[tuple[bytes, bytes]]]] = {}
     # hard links to resolve once every node has its index: (dirents, position, link)
     links: list[tuple[list[tuple[bytes, int]], int, HardLink]] = []
+    seen_dirs: set[int] = set()   # a directory queued twice would make the walk endless
+    # the writer's xattr additions, found while walking: whiteout marks per directory index, and
+    # the indices of the whiteouts (chardev 0/0 turned into files)
+    whiteout_marks: dict[int, int] = {0: 0}
+    whiteouts: list[int] = []
 
     selinux = root.xattrs.get(overlay.SELINUX)
     whiteout_xattrs = {overlay.SELINUX: selinux} if selinux is not None else {}
-    root_whiteouts = [
-        (name, Node(S_IFCHR | 0o644, 1, root.uid, root.gid, 0, 0, root.mtime_sec,
-                    root.mtime_nsec, xattrs=whiteout_xattrs))
-        for name in _ROOT_WHITEOUT_NAMES if name not in (root.children or {})]
-    synthetic = {id(node) for _, node in root_whiteouts}
-    overlay_prefix = overlay.OVERLAY_PREFIX
-    escape = overlay.escape_overlay_xattrs
+    root_children = root.children or {}
+    root_whiteouts = {
+        name: Node(S_IFCHR | 0o644, 1, root.uid, root.gid, 0, 0, root.mtime_sec,
+                   root.mtime_nsec, xattrs=whiteout_xattrs)
+        for name in _ROOT_WHITEOUT_NAMES if name not in root_children}
+    synthetic = {id(node) for node in root_whiteouts.values()}
     metacopy_head = overlay.metacopy_value(b"\0" * 32)[:-32]
     METACOPY, REDIRECT = overlay.METACOPY, overlay.REDIRECT
-    external_adds: list[tuple[bytes, bytes]] = []
-    whiteout_parent_adds = [(overlay.ESCAPED_WHITEOUTS, b""), (overlay.USER_WHITEOUTS, b"")]
-    if version >= 1:
-        whiteout_parent_adds += [(overlay.ESCAPED_OPAQUE, b"x"), (overlay.USER_OPAQUE, b"x")]
-    whiteout_adds = [(overlay.ESCAPED_WHITEOUT, b""), (overlay.USER_WHITEOUT, b"")]
     append_record = records.append
+    queue_extend = queue.extend
+    parents_extend = parents.extend
+    # id(xattrs dict) -> (dict, its sorted escaped items): nodes that share one xattrs dict (a
+    # parsed dumpfile's labels) share the list too; the entry keeps the dict, and so its id
     sorted_lists: dict[int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]] = {}
+    Node_, Record = Node, InodeRecord
+    S_IFMT_, S_IFDIR_, S_IFREG_, S_IFLNK_, S_IFCHR_ = S_IFMT, S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR
 
-    # record index -> the (escaped) xattrs of a node in ``additions``, until they are final
-    pending_xattrs: dict[int, dict[bytes, bytes]] = {}
-    for node in queue:  # the queue grows while it is walked: breadth first
-        index = len(records)
+    for index, node in enumerate(queue):
         mode = node.mode
-        ftype = mode & S_IFMT
-        if ftype not in VALID_TYPES:
-            raise WriteError(errno.EINVAL, f"invalid mode {mode:o} at {_path_of(root, node)}")
-        size = node.size
-        nlink = node.nlink
-        data: bytes | None = None
-        external = False
+        ftype = mode & S_IFMT_
         xattrs = node.xattrs
-        if xattrs and id(node) not in synthetic:
-            for key in xattrs:
-                if key.startswith(overlay_prefix):
-                    xattrs = escape(xattrs)
-                    break
-        dirents = None
+        if not xattrs:
+            xlist = _NO_XATTRS
+        else:
+            known = sorted_lists.get(id(xattrs))
+            if known is not None and known[0] is xattrs:
+                xlist = known[1]
+            else:
+                xlist = sorted(_own_xattrs(xattrs).items())
+                if len(sorted_lists) < 4096:
+                    sorted_lists[id(xattrs)] = (xattrs, xlist)
 
-        if ftype == S_IFDIR:
-            entries: list[tuple[bytes, Node | HardLink]] = list(node.children.items())  # type: ignore[union-attr]
-            if index == 0:
-                entries += root_whiteouts
-            entries.append((b".", node))
-            entries.append((b"..", node))  # placeholder: resolved to the parent below
-            entries.sort()   # names are unique, so only names are compared
-            nlink = 2
-            n_whiteouts = 0
-            dirents = []
-            for name, child in entries:
-                if child.__class__ is Node:
-                    if child is node:  # "." or ".."
-                        dirents.append((name, index if name == b"." else parents[index]))
-                        continue
-                    cid = id(child)
-                    if cid in index_of:
-                        raise WriteError(errno.EINVAL, f"node reachable twice at {_path_of(root, child)}")
-                    child_index = len(queue)
-                    index_of[cid] = child_index
-                    queue.append(child)
-                    parents.append(index)
-                    dirents.append((name, child_index))
-                    cmode = child.mode & S_IFMT
-                    if cmode == S_IFDIR:
-                        nlink += 1
-                    elif cmode == S_IFCHR and not child.rdev & _U32 and cid not in synthetic:
-                        n_whiteouts += 1
-                else:
-                    links.append((dirents, len(dirents), child))  # type: ignore[arg-type]
-                    dirents.append((name, -1))
-            if n_whiteouts or index == 0:  # the root gets its opaque flag at the end
-                additions[index] = (node, whiteout_parent_adds * n_whiteouts)
-        elif ftype == S_IFREG:
+        if ftype == S_IFREG_:
             content = node.content
+            size = node.size
             if content:
-                data = content
-                size = len(content)
-            elif size > 0:
-                external = True
+                append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev,
+                                     len(content), node.mtime_sec, node.mtime_nsec, xlist, None,
+                                     content, False))
+                continue
+            if size > 0:
                 if size > _MAX_SINGLE_CHUNK_SIZE and chunk_params(size)[1] > LCFS_MAX_NONINLINE_CHUNKS:
                     raise WriteError(errno.EFBIG, _path_of(root, node))
                 # trusted.overlay.* keys of the source were escaped, so these are always new
                 # keys (no accounting can fail): add them directly
                 digest = node.digest
                 metacopy = (METACOPY, b"" if digest is None else metacopy_head + digest)
-                if node.payload:
-                    external_adds = [metacopy, (REDIRECT, b"/" + node.payload)]
-                else:
-                    external_adds = [metacopy]
-        elif ftype == S_IFLNK:
+                payload = node.payload
+                adds = [metacopy, (REDIRECT, b"/" + payload)] if payload else [metacopy]
+                # METACOPY < REDIRECT: without xattrs of its own the list is in order already
+                append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
+                                     node.mtime_sec, node.mtime_nsec,
+                                     sorted(xlist + adds) if xlist else adds, None, None, True))
+                continue
+            append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
+                                 node.mtime_sec, node.mtime_nsec, xlist, None, None, False))
+            continue
+
+        if ftype == S_IFDIR_:
+            if id(node) in seen_dirs:
+                raise WriteError(errno.EINVAL, f"node reachable twice at {_path_of(root, node)}")
+            seen_dirs.add(id(node))
+            parent = parents[index]
+            if index:
+                records[parent].nlink += 1   # this directory's ".." links its parent
+            children: dict[bytes, Node | HardLink] = \
+                node.children if index else {**root_children, **root_whiteouts}  # type: ignore
+            names = sorted(children)
+            kids = list(map(children.__getitem__, names))
+            start = len(queue)
+            # "." and ".." go to their sorted places (not always neighbours: ".-" sorts between)
+            dot = bisect_left(names, b".")
+            dotdot = bisect_left(names, b"..")
+            if list(map(type, kids)).count(Node_) == len(kids):   # no hard links here
+                dirents = list(zip(names, range(start, start + len(kids))))
+                queue_extend(kids)  # type: ignore[arg-type]
+            else:
+                dirents = []
+                for position, (name, kid) in enumerate(zip(names, kids)):
+                    if kid.__class__ is Node_:
+                        dirents.append((name, len(queue)))
+                        queue.append(kid)   # type: ignore[arg-type]
+                    else:   # its place once "." and ".." are in
+                        position += (position >= dot) + (position >= dotdot)
+                        links.append((dirents, position, kid))  # type: ignore[arg-type]
+                        dirents.append((name, -1))
+            parents_extend(repeat(index, len(queue) - start))
+            dirents.insert(dotdot, (b"..", parent))
+            dirents.insert(dot, (b".", index))
+            append_record(Record(mode, 2, node.uid, node.gid, node.rdev, node.size,
+                                 node.mtime_sec, node.mtime_nsec, xlist, dirents, None, False))
+            continue
+
+        size = node.size
+        if ftype == S_IFLNK_:
             data = node.payload
             if not data:
                 raise WriteError(errno.EINVAL, f"symlink without target at {_path_of(root, node)}")
-            size = len(data)
-        elif ftype == S_IFCHR and not node.rdev & _U32 and id(node) not in synthetic:
-            mode = S_IFREG | (mode & ~S_IFMT)
+            append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, len(data),
+                                 node.mtime_sec, node.mtime_nsec, xlist, None, data, False))
+            continue
+        if ftype not in VALID_TYPES:
+            raise WriteError(errno.EINVAL, f"invalid mode {mode:o} at {_path_of(root, node)}")
+        if ftype == S_IFCHR_ and not node.rdev & _U32 and id(node) not in synthetic:
+            # an overlay whiteout: an empty file with the whiteout marks, its parent marked too
+            mode = S_IFREG | (mode & ~S_IFMT_)
             size = 0
-            additions[index] = (node, whiteout_adds)
+            whiteouts.append(index)
+            parent = parents[index]
+            whiteout_marks[parent] = whiteout_marks.get(parent, 0) + 1
+        append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
+                             node.mtime_sec, node.mtime_nsec, xlist, None, None, False))
 
-        xlist: list[tuple[bytes, bytes]]
-        if index in additions:
-            xlist = []   # set below, once every addition to ``xattrs`` is known
-            pending_xattrs[index] = xattrs
-        elif external:
-            # METACOPY < REDIRECT: without xattrs of its own the list is in order already
-            xlist = sorted([*xattrs.items(), *external_adds]) if xattrs else external_adds
-        elif not xattrs:
-            xlist = _NO_XATTRS
-        else:
-            # nodes that share one xattrs dict (a parsed dumpfile's labels) share the list too
-            known = sorted_lists.get(id(xattrs))
-            if known is not None and known[0] is xattrs:
-                xlist = known[1]
-            else:
-                xlist = sorted(xattrs.items())
-                if len(sorted_lists) < 4096:
-                    sorted_lists[id(xattrs)] = (xattrs, xlist)   # keeps the dict, and its id
-        append_record(InodeRecord(mode, nlink, node.uid, node.gid, node.rdev, size,
-                                  node.mtime_sec, node.mtime_nsec, xlist, dirents, data,
-                                  external))
+    # a node reachable twice, if it is not a directory (those were caught above)
+    if links:
+        index_of = {id(node): i for i, node in enumerate(queue)}
+        twice = len(index_of) != len(queue)
+    else:
+        index_of = {}
+        twice = len(set(map(id, queue))) != len(queue)
+    if twice:
+        seen: set[int] = set()
+        for node in queue:
+            if id(node) in seen:
+                raise WriteError(errno.EINVAL, f"node reachable twice at {_path_of(root, node)}")
+            seen.add(id(node))
 
     # the writer's xattrs, in libcomposefs's order: each node's own, then its whiteout children's
     # marks (both gathered above), and last the root's opaque flag
-    additions[0][1].append((overlay.OPAQUE, b"y"))
-    for index, (node, adds) in additions.items():
-        records[index].xattrs = sorted(_apply(pending_xattrs[index], adds, root, node).items())
+    whiteout_parent_adds = [(overlay.ESCAPED_WHITEOUTS, b""), (overlay.USER_WHITEOUTS, b"")]
+    if version >= 1:
+        whiteout_parent_adds += [(overlay.ESCAPED_OPAQUE, b"x"), (overlay.USER_OPAQUE, b"x")]
+    whiteout_adds = [(overlay.ESCAPED_WHITEOUT, b""), (overlay.USER_WHITEOUT, b"")]
+    additions = {index: whiteout_parent_adds * count for index, count in whiteout_marks.items()}
+    additions.update((index, whiteout_adds) for index in whiteouts)
+    additions[0] = additions[0] + [(overlay.OPAQUE, b"y")]
+    for index in sorted(additions):
+        node = queue[index]
+        records[index].xattrs = sorted(_apply(_own_xattrs(node.xattrs), additions[index], root,
+                                              node).items())
     if root_whiteouts and selinux is not None and len(selinux) > _SELINUX_MAX:
         raise WriteError(errno.ERANGE, "security.selinux of the root is too long")
 
@@ -269,3 +291,12 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
             raise WriteError(errno.ENOENT, "hard link target is not in the tree")
         dirents[position] = (dirents[position][0], target_index)
     return records
+
+
+def _own_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A node's xattrs as the image stores them: its ``trusted.overlay.*`` keys escaped."""
+    prefix = overlay.OVERLAY_PREFIX
+    for key in xattrs:
+        if key.startswith(prefix):
+            return overlay.escape_overlay_xattrs(xattrs)
+    return xattrs

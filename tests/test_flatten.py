@@ -1,0 +1,41 @@
+"""flatten: dirent order around "." and "..", hard links beside them, nodes reachable twice."""
+
+from __future__ import annotations
+
+import pytest
+
+from mkcfs.build.flatten import WriteError, flatten
+from mkcfs.tree import S_IFDIR, S_IFREG, HardLink, Node
+
+
+def _tree() -> tuple[Node, Node]:
+    root = Node(S_IFDIR | 0o755)
+    sub = Node(S_IFDIR | 0o755)
+    target = Node(S_IFREG | 0o644, content=b"x", size=1)
+    root.children[b"sub"] = sub  # type: ignore[index]
+    # names that sort before ".", between "." and "..", and after ".."; a hard link among them
+    sub.children.update({b"-": Node(S_IFREG | 0o644), b".-x": HardLink(target),  # type: ignore[union-attr]
+                         b"..a": Node(S_IFDIR | 0o700), b"t": target})
+    return root, sub
+
+
+def test_dot_entries_sort_in_place_and_links_keep_their_slot() -> None:
+    root, _ = _tree()
+    records = flatten(root, 1)
+    sub = records[257]   # the root's 256 whiteouts come first
+    assert sub.dirents is not None
+    assert [name for name, _ in sub.dirents] == [b"-", b".", b".-x", b"..", b"..a", b"t"]
+    by_name = dict(sub.dirents)
+    assert by_name[b"."] == 257 and by_name[b".."] == 0
+    assert by_name[b".-x"] == by_name[b"t"]   # the hard link names its target's record
+    assert records[by_name[b"t"]].data == b"x"
+    assert sub.nlink == 3 and records[0].nlink == 3   # one subdirectory each
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_a_node_reachable_twice_is_refused(kind: str) -> None:
+    root, sub = _tree()
+    again = sub.children[b"t"] if kind == "file" else sub.children[b"..a"]  # type: ignore[index]
+    root.children[b"again"] = again  # type: ignore[index]
+    with pytest.raises(WriteError, match="node reachable twice at /"):
+        flatten(root, 1)
