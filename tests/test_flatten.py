@@ -1,11 +1,17 @@
-"""flatten: dirent order around "." and "..", hard links beside them, nodes reachable twice."""
+"""flatten: dirent order around "." and "..", hard links beside them, nodes reachable twice, and
+flattening a tree that is consumed on the way."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from mkcfs.build.flatten import WriteError, flatten
-from mkcfs.tree import S_IFDIR, S_IFREG, HardLink, Node
+from mkcfs.tree import S_IFDIR, S_IFLNK, S_IFREG, HardLink, Node
+
+from .strategies import trees
 
 
 def _tree() -> tuple[Node, Node]:
@@ -39,3 +45,26 @@ def test_a_node_reachable_twice_is_refused(kind: str) -> None:
     root.children[b"again"] = again  # type: ignore[index]
     with pytest.raises(WriteError, match="node reachable twice at /"):
         flatten(root, 1)
+
+
+def _fields(records: list) -> list[tuple]:
+    return [(r.mode, r.nlink, r.uid, r.gid, r.rdev, r.size, r.mtime_sec, r.mtime_nsec,
+             list(r.xattrs), r.dirents, r.data, r.external) for r in records]
+
+
+@settings(max_examples=150, deadline=None)
+@given(trees(), st.integers(0, 1))
+def test_consuming_a_tree_gives_the_same_records(root: Node, version: int) -> None:
+    kept = _fields(flatten(copy.deepcopy(root), version))
+    assert _fields(flatten(root, version, consume=True)) == kept
+
+
+def test_errors_of_a_consumed_tree_name_the_path() -> None:
+    root, sub = _tree()
+    sub.children[b"..a"].children[b"bad"] = Node(S_IFLNK | 0o777)  # type: ignore[index,union-attr]
+    with pytest.raises(WriteError, match=r"symlink without target at /sub/\.\.a/bad\)"):
+        flatten(root, 1, consume=True)
+    root, sub = _tree()
+    root.children[b"again"] = sub.children[b"t"]  # type: ignore[index]
+    with pytest.raises(WriteError, match="node reachable twice at /"):
+        flatten(root, 1, consume=True)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from operator import attrgetter
+from typing import cast
 from bisect import bisect_left
 from itertools import repeat
 
@@ -92,17 +95,50 @@ def _path_of(root: Node, target: Node) -> str:
     return "?"
 
 
-def _set(budget: XattrBudget, key: bytes, value: bytes, root: Node, node: Node) -> None:
-    try:
-        budget.set(key, value)
-    except XattrLimitError as exc:
-        raise WriteError(exc.errno, f"xattr {key.decode(errors='backslashreplace')} on "
-                                    f"{_path_of(root, node)}") from None
+def _path_at(records: list[InodeRecord], parents: list[int], index: int) -> str:
+    """Path of the node of record ``index`` (its parent's record must be made), from the
+    records alone, for error messages: a consumed tree cannot be searched."""
+    names: list[bytes] = []
+    while index:
+        parent = parents[index]
+        names.append(next(name for name, child in records[parent].dirents or ()
+                          if child == index and name != b"." and name != b".."))
+        index = parent
+    return os.fsdecode(b"/" + b"/".join(reversed(names)))
 
 
-def _apply(xattrs: dict[bytes, bytes], additions: list[tuple[bytes, bytes]], root: Node,
-           node: Node) -> dict[bytes, bytes]:
-    """``xattrs`` (never modified) plus the writer's ``additions``, in order.
+def _link_targets(root: Node) -> set[int]:
+    """The ids of the nodes that hard links below ``root`` reach (links that reach none are
+    left to ``flatten``'s own check, which names their error)."""
+    targets: set[int] = set()
+    seen: set[int] = set()
+    get_children = attrgetter("children")
+    stack = [root.children or {}]
+    while stack:
+        children = stack.pop()
+        if id(children) in seen:
+            continue
+        seen.add(id(children))
+        entries = children.values()
+        if list(map(type, entries)).count(Node) == len(entries):
+            stack.extend(filter(None, map(get_children, entries)))
+            continue
+        for entry in entries:
+            if entry.__class__ is Node:
+                if entry.children:
+                    stack.append(entry.children)
+            else:
+                try:
+                    targets.add(id(resolve(entry)))
+                except HardLinkLoopError:
+                    pass
+    return targets
+
+
+def _apply(xattrs: dict[bytes, bytes], additions: list[tuple[bytes, bytes]],
+           where: Callable[[], str]) -> dict[bytes, bytes]:
+    """``xattrs`` (never modified) plus the writer's ``additions``, in order (``where()``: the
+    node's path, for an error).
 
     A fresh key cannot fail: the additions are small and libcomposefs measures them from 0. Only
     when an addition replaces a key the node already has does the exact accounting matter (the
@@ -111,20 +147,28 @@ def _apply(xattrs: dict[bytes, bytes], additions: list[tuple[bytes, bytes]], roo
     if any(key in xattrs for key, _ in additions):
         budget = XattrBudget(dict(xattrs))
         for key, value in additions:
-            _set(budget, key, value, root, node)
+            try:
+                budget.set(key, value)
+            except XattrLimitError as exc:
+                raise WriteError(exc.errno, f"xattr {key.decode(errors='backslashreplace')} "
+                                            f"on {where()}") from None
         return budget.xattrs
     result = dict(xattrs)
     result.update(additions)
     return result
 
 
-def flatten(root: Node, version: int) -> list[InodeRecord]:
-    """Inode records in BFS order (record 0 is the root) for writing ``root`` at ``version``."""
+def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRecord]:
+    """Inode records in BFS order (record 0 is the root) for writing ``root`` at ``version``.
+
+    ``consume``: the tree is nobody else's and is taken apart while it is flattened (each
+    directory's children are dropped once queued, each file once its record is made), so its
+    memory is reused for the records instead of adding to them; the tree is left unusable."""
     if not root.is_dir():
         raise WriteError(errno.ENOTDIR, "the root must be a directory")
     # the queue grows while it is walked (breadth first): a directory appends its children, whose
     # record indices are their queue positions; parents[i] is the record index of queue[i]'s parent
-    queue: list[Node] = [root]
+    queue: list[Node | None] = [root]
     parents: list[int] = [0]
     records: list[InodeRecord] = []
     # hard links to resolve once every node has its index: (dirents, position, link)
@@ -154,7 +198,22 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
     Node_, Record = Node, InodeRecord
     S_IFMT_, S_IFDIR_, S_IFREG_, S_IFLNK_, S_IFCHR_ = S_IFMT, S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR
 
-    for index, node in enumerate(queue):
+    # consume: the ids of nodes that hard links reach -> their index (found before the nodes
+    # are dropped); the id of every queued node (a node queued twice is refused at the end)
+    targets = _link_targets(root) if consume else set()
+    index_of: dict[int, int] = {}
+    ids: list[int] = []
+    ids_append = ids.append
+    kept: dict[int, Node] = {}   # consume: the whiteouts, needed once more at the end
+
+    # the same list, typed for the walk: a slot is None only once its node has its record
+    for index, node in enumerate(cast("list[Node]", queue)):
+        if consume:
+            ids_append(id(node))
+            if targets and id(node) in targets:
+                index_of[id(node)] = index
+            if node.children is None:
+                queue[index] = None
         mode = node.mode
         ftype = mode & S_IFMT_
         xattrs = node.xattrs
@@ -179,7 +238,7 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
                 continue
             if size > 0:
                 if size > _MAX_SINGLE_CHUNK_SIZE and chunk_params(size)[1] > LCFS_MAX_NONINLINE_CHUNKS:
-                    raise WriteError(errno.EFBIG, _path_of(root, node))
+                    raise WriteError(errno.EFBIG, _path_at(records, parents, index))
                 # trusted.overlay.* keys of the source were escaped, so these are always new
                 # keys (no accounting can fail): add them directly
                 digest = node.digest
@@ -197,7 +256,8 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
 
         if ftype == S_IFDIR_:
             if id(node) in seen_dirs:
-                raise WriteError(errno.EINVAL, f"node reachable twice at {_path_of(root, node)}")
+                where = _path_at(records, parents, index) if consume else _path_of(root, node)
+                raise WriteError(errno.EINVAL, f"node reachable twice at {where}")
             seen_dirs.add(id(node))
             parent = parents[index]
             if index:
@@ -206,6 +266,8 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
                 node.children if index else {**root_children, **root_whiteouts}  # type: ignore
             names = sorted(children)
             kids = list(map(children.__getitem__, names))
+            if consume:
+                node.children.clear()  # type: ignore[union-attr]
             start = len(queue)
             # "." and ".." go to their sorted places (not always neighbours: ".-" sorts between)
             dot = bisect_left(names, b".")
@@ -234,35 +296,42 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
         if ftype == S_IFLNK_:
             data = node.payload
             if not data:
-                raise WriteError(errno.EINVAL, f"symlink without target at {_path_of(root, node)}")
+                raise WriteError(errno.EINVAL, "symlink without target at "
+                                 f"{_path_at(records, parents, index)}")
             append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, len(data),
                                  node.mtime_sec, node.mtime_nsec, xlist, None, data, False))
             continue
         if ftype not in VALID_TYPES:
-            raise WriteError(errno.EINVAL, f"invalid mode {mode:o} at {_path_of(root, node)}")
+            raise WriteError(errno.EINVAL, f"invalid mode {mode:o} at "
+                             f"{_path_at(records, parents, index)}")
         if ftype == S_IFCHR_ and not node.rdev & _U32 and id(node) not in synthetic:
             # an overlay whiteout: an empty file with the whiteout marks, its parent marked too
             mode = S_IFREG | (mode & ~S_IFMT_)
             size = 0
             whiteouts.append(index)
+            if consume:
+                kept[index] = node
             parent = parents[index]
             whiteout_marks[parent] = whiteout_marks.get(parent, 0) + 1
         append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
                              node.mtime_sec, node.mtime_nsec, xlist, None, None, False))
 
     # a node reachable twice, if it is not a directory (those were caught above)
-    if links:
+    if consume:
+        twice = len(set(ids)) != len(ids)
+    elif links:
         index_of = {id(node): i for i, node in enumerate(queue)}
         twice = len(index_of) != len(queue)
     else:
-        index_of = {}
         twice = len(set(map(id, queue))) != len(queue)
     if twice:
         seen: set[int] = set()
-        for node in queue:
-            if id(node) in seen:
-                raise WriteError(errno.EINVAL, f"node reachable twice at {_path_of(root, node)}")
-            seen.add(id(node))
+        for index, node_id in enumerate(ids or map(id, queue)):
+            if node_id in seen:
+                where = _path_at(records, parents, index) if consume else \
+                    _path_of(root, queue[index])   # type: ignore[arg-type]
+                raise WriteError(errno.EINVAL, f"node reachable twice at {where}")
+            seen.add(node_id)
 
     # the writer's xattrs, in libcomposefs's order: each node's own, then its whiteout children's
     # marks (both gathered above), and last the root's opaque flag
@@ -274,9 +343,10 @@ def flatten(root: Node, version: int) -> list[InodeRecord]:
     additions.update((index, whiteout_adds) for index in whiteouts)
     additions[0] = additions[0] + [(overlay.OPAQUE, b"y")]
     for index in sorted(additions):
-        node = queue[index]
-        records[index].xattrs = sorted(_apply(_own_xattrs(node.xattrs), additions[index], root,
-                                              node).items())
+        node = kept.get(index) or cast(Node, queue[index])
+        records[index].xattrs = sorted(_apply(
+            _own_xattrs(node.xattrs), additions[index],
+            lambda: _path_at(records, parents, index)).items())  # noqa: B023 (called at once)
     if root_whiteouts and selinux is not None and len(selinux) > _SELINUX_MAX:
         raise WriteError(errno.ERANGE, "security.selinux of the root is too long")
 

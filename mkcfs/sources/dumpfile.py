@@ -356,6 +356,9 @@ def _parse_xattrs(text: bytes) -> dict[bytes, bytes]:
 
 
 _PAD = [[b""] * (12 - n) for n in range(13)]
+#: Entries kept in a memo table of field texts that need not repeat (mtimes): a real tree has
+#: some thousands of distinct mtimes; the cap bounds the table to a few MB when all differ.
+_CACHE_MAX = 1 << 16
 
 
 def _parse_mode(field: bytes) -> tuple[int, bool]:
@@ -388,7 +391,7 @@ def _parse_mtime(field: bytes, cache: dict[bytes, tuple[int, int]]) -> tuple[int
     if sec > 0x7FFFFFFFFFFFFFFF:
         sec -= 1 << 64
     value = (sec, nsec & U32_MAX)
-    if len(cache) < 1024:
+    if len(cache) < _CACHE_MAX:
         cache[field] = value
     return value
 
@@ -441,7 +444,7 @@ def parse_dumpfile(data: bytes | BinaryIO, *, strict: bool = False, source: str 
 
 
 #: the text is read and split into lines this many bytes at a time
-_READ_BLOCK = 1 << 22
+_READ_BLOCK = 1 << 20
 
 
 class _TextEnd:
@@ -609,7 +612,7 @@ def _parse(stream: BinaryIO, strict: bool, source: str, share_xattrs: bool) -> N
                         and text_nsec.isdigit()):
                     sec = int(text_sec)
                     nsec = int(text_nsec)
-                    if len(mtime_cache) < 1024:  # mtimes that repeat are few; unique ones many
+                    if len(mtime_cache) < _CACHE_MAX:
                         mtime_cache[fmtime] = (sec, nsec)
                 else:
                     sec, nsec = _parse_mtime(fmtime, mtime_cache)
