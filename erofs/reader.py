@@ -26,6 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from operator import le as _le
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -472,6 +473,21 @@ class Image:
             pieces.append((tail_offset, tail))
         return pieces
 
+    def data_of(self, nid: int, offset: int, layout: int, size: int, i_u: int,
+                tail_offset: int) -> bytes:
+        """The ``size`` bytes of data :meth:`extents_of` locates, joined (the caller has
+        checked ``size``). Data that is all inline (a tail-packed inode of at most one block)
+        is one slice."""
+        if layout == EROFS_INODE_FLAT_INLINE and 0 < size <= EROFS_BLKSIZ:
+            end = tail_offset + size
+            if end > self.size:
+                raise ImageFormatError(offset + 8, f"inline data of inode nid {nid} "
+                                                   f"({size} bytes) runs past the image end")
+            return self.data[tail_offset:end]
+        data = self.data
+        return b"".join([data[o:o + n] for o, n in self.extents_of(nid, offset, layout, size,
+                                                                    i_u, tail_offset)])
+
     def data_bytes(self, ino: Inode, limit: int) -> bytes:
         """The inode's data (size must be at most ``limit``; checked before reading)."""
         if ino.size > limit:
@@ -519,16 +535,15 @@ class Image:
         raw = unpacker.unpack_from(data, offset)
         nids = raw[0::3]
         nameoffs = raw[1::3]
-        if nameoffs[-1] > length or (n > 1 and list(nameoffs) != sorted(nameoffs)):
+        if nameoffs[-1] > length or (n > 1 and not all(map(_le, nameoffs, nameoffs[1:]))):
             bad = next((i for i in range(1, n) if nameoffs[i] < nameoffs[i - 1]
                         or nameoffs[i] > length), n - 1)
             raise ImageFormatError(offset + bad * _DIRENT_SIZE + 8,
                                    f"bad name offset {nameoffs[bad]} in a {length}-byte "
                                    "directory block")
-        starts = [offset + o for o in nameoffs]
-        last = starts[-1]
-        ends = starts[1:]
-        nul = data.find(b"\0", last, offset + length)
-        ends.append(offset + length if nul < 0 else nul)
-        names = [data[a:b] for a, b in zip(starts, ends)]
+        block = data[offset:offset + length]
+        ends = list(nameoffs[1:])
+        nul = block.find(b"\0", nameoffs[-1])
+        ends.append(length if nul < 0 else nul)
+        names = list(map(block.__getitem__, map(slice, nameoffs, ends)))
         return names, nids, raw[2::3]

@@ -30,8 +30,11 @@ from __future__ import annotations
 import mmap
 import os
 from array import array
+from bisect import bisect_left
+from itertools import islice
+from operator import lt as _less
 from typing import TYPE_CHECKING
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from erofs.errors import ImageFormatError
 from erofs.format import EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
@@ -92,10 +95,16 @@ def _xattr_action(name_index: int, suffix: bytes, offset: int) -> tuple[int, byt
     return _A_SET, name
 
 
+#: xattr bodies up to this size (header + 16 shared ids) are looked up by their bytes
+_BODY_BYTES_MAX = 12 + 4 * 16
+#: at most this many distinct such bodies are remembered
+_BODIES_MAX = 4096
+
+
 class _Walk:
     """State of one image -> tree walk: the image, the work budget, nid -> Node, and caches."""
 
-    __slots__ = ("image", "budget", "nodes", "actions", "shared", "shared_sets")
+    __slots__ = ("image", "budget", "nodes", "actions", "shared", "shared_sets", "bodies")
 
     def __init__(self, image: Image) -> None:
         self.image = image
@@ -111,6 +120,9 @@ class _Walk:
         self.shared_sets: dict[tuple[int, ...],
                                tuple[list[tuple[int, bytes, bytes, int]],
                                      dict[bytes, bytes] | None]] = {}
+        #: the bytes of an xattr body of shared ids only -> its shared_sets entry
+        self.bodies: dict[bytes, tuple[list[tuple[int, bytes, bytes, int]],
+                                       dict[bytes, bytes] | None]] = {}
 
 
 def load_tree(image: Image | bytes | bytearray | memoryview,
@@ -267,14 +279,18 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
         entry = linked[nid] = (path, fields)
         return entry
 
-    stack = [(b"/", root_nid + 1, _sorted_dir(walk, root_dir), keep)]
     try:
+        entries: Iterator[tuple[bytes, int]] = _sorted_dir(walk, root_dir)
+        if keep is not None:
+            entries = iter([(name, nid) for name, nid in entries if name in keep])
+        stack = [(b"/", root_nid + 1, entries)]
         while stack:
-            base, here, entries, keep = stack[-1]
+            base, here, entries = stack[-1]
             for name, nid in entries:
-                if keep is not None and name not in keep:
-                    continue
-                seen = first_dir[nid] if nid < n_slots else 0
+                try:
+                    seen = first_dir[nid]
+                except IndexError:      # beyond the inode table: build() says why
+                    seen = 0
                 if seen:
                     if seen == _WHITEOUT:
                         continue
@@ -290,7 +306,7 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
                 yield (path, b"") + fields
                 if dir_extents is not None:
                     dirs[nid] = (path, dir_extents)
-                    stack.append((path + b"/", nid + 1, _sorted_dir(walk, dir_extents), None))
+                    stack.append((path + b"/", nid + 1, _sorted_dir(walk, dir_extents)))
                     break
             else:
                 stack.pop()
@@ -302,16 +318,17 @@ def _sorted_dir(walk: _Walk, where: _Extents) -> Iterator[tuple[bytes, int]]:
     """The ``(name, nid)`` entries of a directory without ``.`` and ``..``, when they are stored
     in strictly increasing name order and every name is valid (else :class:`NeedsTree`)."""
     names, nids = _dir_columns(walk, where)
-    if b"." in names or b".." in names:
-        pairs = [(name, nid) for name, nid in zip(names, nids) if name != b"." and name != b".."]
-        names = [name for name, _nid in pairs]
-    else:
-        pairs = list(zip(names, nids))
     if names:
-        if (sorted(names) != names or len(set(names)) != len(names)
-                or not 0 < min(map(len, names)) or max(map(len, names)) > _NAME_MAX):
+        if (not all(map(_less, names, islice(names, 1, None))) or not names[0]
+                or max(map(len, names)) > _NAME_MAX):
             raise NeedsTree
-    return iter(pairs)
+        # sorted: each of "." and ".." is where bisect finds it, if present
+        for special in (b"..", b"."):
+            i = bisect_left(names, special)
+            if i < len(names) and names[i] == special:
+                del names[i]
+                del nids[i]
+    return zip(names, nids)
 
 
 def _move_to_writer_places(walk: _Walk, linked: set[int],
@@ -522,9 +539,11 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
     actions = walk.actions
     shared = walk.shared
     shared_sets = walk.shared_sets
+    bodies = walk.bodies
+    body_max = _BODY_BYTES_MAX
     budget = walk.budget
     inode_fields = image.inode_decoder()
-    extents_of = image.extents_of
+    data_of = image.data_of
     xattr_body_at = image.xattr_body_at
     xattr_action = _xattr_action
     A_SET, A_REDIRECT, A_METACOPY, A_DROP = _A_SET, _A_REDIRECT, _A_METACOPY, _A_DROP
@@ -584,8 +603,7 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
                         raise ImageFormatError(offset + 8, f"inline file of {fsize} bytes "
                                                            f"(at most {INLINE_CONTENT_MAX})")
                     budget.bytes(fsize, offset)
-                    content = b"".join([data[o:o + n] for o, n in extents_of(
-                        nid, offset, layout, fsize, i_u, xoff + xsize)])
+                    content = data_of(nid, offset, layout, fsize, i_u, xoff + xsize)
                 elif layout != EROFS_INODE_CHUNK_BASED:
                     raise ImageFormatError(offset, "regular file with unsupported data layout "
                                                    f"{layout}")
@@ -595,8 +613,7 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
             if fsize >= PATH_MAX:
                 raise ImageFormatError(offset + 8, f"symlink target of {fsize} bytes")
             budget.bytes(fsize, offset)
-            target = b"".join([data[o:o + n] for o, n in extents_of(
-                nid, offset, layout, fsize, i_u, xoff + xsize)])
+            target = data_of(nid, offset, layout, fsize, i_u, xoff + xsize)
             nul = target.find(b"\0")
             if nul >= 0:
                 target = target[:nul]
@@ -615,9 +632,20 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
             budget.bytes_left -= xsize
             if budget.bytes_left < 0:
                 budget.bytes(0, xoff)
-            inline, shared_ids = xattr_body_at(xoff, xsize)
-            # inline entries in stored order, then the shared ones (libcomposefs's order)
-            entries, only_set = shared_sets.get(shared_ids) or shared_set(shared_ids)
+            # bodies of shared ids only (an SELinux label) repeat: their mapping is looked
+            # up by their bytes
+            body = data[xoff:xoff + xsize] if xsize <= body_max else None
+            known = bodies.get(body) if body is not None else None
+            inline: Sequence[tuple[int, bytes, int, int]]
+            if known is not None:
+                inline = ()
+                entries, only_set = known
+            else:
+                inline, shared_ids = xattr_body_at(xoff, xsize)
+                # inline entries in stored order, then the shared ones (libcomposefs's order)
+                entries, only_set = shared_sets.get(shared_ids) or shared_set(shared_ids)
+                if body is not None and not inline and len(bodies) < _BODIES_MAX:
+                    bodies[body] = (entries, only_set)
             if inline:
                 shared_entries = entries
                 entries = []
