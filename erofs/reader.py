@@ -414,22 +414,28 @@ class Image:
         entry = self._shared.get(xid)
         if entry is not None:
             return entry
-        data = self.data
+        name_index, suffix, value_start, value_end = self.shared_xattr_at(xid)
+        self._shared_bytes_left -= value_end - value_start + len(suffix) + _XATTR_ENTRY_SIZE
+        if self._shared_bytes_left < 0:
+            raise ImageFormatError(self.xattr_base + 4 * xid,
+                                   "shared xattrs overlap more than the image can hold")
+        entry = XattrEntry(name_index, suffix, self.data[value_start:value_end], value_end, True)
+        self._shared[xid] = entry
+        return entry
+
+    def shared_xattr_at(self, xid: int) -> tuple[int, bytes, int, int]:
+        """The shared xattr with id ``xid`` as an inline entry of :meth:`xattr_body_at`:
+        ``(name_index, suffix, value_start, value_end)``; not cached."""
         pos = self.xattr_base + 4 * xid
         if pos + _XATTR_ENTRY_SIZE > self.size:
             raise ImageFormatError(pos, f"shared xattr id {xid} is beyond the image end")
-        name_len, name_index, value_size = XATTR_ENTRY.unpack_from(data, pos)
+        data = self.data
+        name_len, name_index, value_size = _unpack_xattr_entry(data, pos)
         value_start = pos + _XATTR_ENTRY_SIZE + name_len
         value_end = value_start + value_size
         if value_end > self.size:
             raise ImageFormatError(pos, f"shared xattr id {xid} runs past the image end")
-        self._shared_bytes_left -= value_end - pos
-        if self._shared_bytes_left < 0:
-            raise ImageFormatError(pos, "shared xattrs overlap more than the image can hold")
-        entry = XattrEntry(name_index, bytes(data[pos + _XATTR_ENTRY_SIZE:value_start]),
-                           bytes(data[value_start:value_end]), value_end, True)
-        self._shared[xid] = entry
-        return entry
+        return name_index, data[pos + _XATTR_ENTRY_SIZE:value_start], value_start, value_end
 
     # --- data --------------------------------------------------------------------------------
 

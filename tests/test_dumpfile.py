@@ -933,3 +933,14 @@ def test_streamed_input_parses_as_the_whole_text(monkeypatch, block):
             streamed = outcome(io.BytesIO(text), strict)
             monkeypatch.setattr(dumpfile, "_READ_BLOCK", 1 << 22)
             assert streamed == whole
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40) | st.lists(st.sampled_from(b"\\' =\t\n\r\"ax\x00\x7f\xff"),
+                                         max_size=20).map(bytes))
+def test_fast_escapes_match_the_escape_tables(data):
+    from mkcfs.sources.dumpfile import _escaped, _escaped_equal, escape_table, escape_with
+
+    assert _escaped(data) == escape_with(data, *escape_table())
+    assert _escaped_equal(data) == escape_with(data, *escape_table(equal=True))
+    assert escape(data) == escape_with(data, *escape_table())

@@ -555,20 +555,21 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
 
     def shared_entry(xid: int) -> _Xattr:
         """A shared xattr, mapped once."""
-        e = image.shared_xattr(xid)
-        act = actions[e.name_index].get(e.suffix)
+        name_index, suffix, value_start, value_end = image.shared_xattr_at(xid)
+        budget.bytes(value_end - value_start + len(suffix), value_start)
+        act = actions[name_index].get(suffix)
         if act is None:
-            act = actions[e.name_index][e.suffix] = xattr_action(e.name_index, e.suffix,
-                                                                 e.value_end)
+            act = actions[name_index][suffix] = xattr_action(name_index, suffix, value_end)
         action, key = act
-        value = e.value
         if action == A_REDIRECT:
-            value = redirect_payload(data, e.value_end - len(value), e.value_end)
+            value = redirect_payload(data, value_start, value_end)
         elif action == A_METACOPY:
-            if len(value) != metacopy_size:
+            if value_end - value_start != metacopy_size:
                 action = A_DROP
-            value = value[4:]
-        entry = shared[xid] = (action, key, value, e.value_end)
+            value = data[value_start + 4:value_end]
+        else:
+            value = data[value_start:value_end]
+        entry = shared[xid] = (action, key, value, value_end)
         return entry
 
     def shared_set(ids: tuple[int, ...]) -> tuple[list[_Xattr], dict[bytes, bytes] | None]:
