@@ -652,22 +652,23 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
                 entries = []
                 add = entries.append
                 sets = False    # does an inline entry set an xattr (else: only payload/digest)
+                redirect = metacopy = None      # the last ones, for that case
                 for name_index, suffix, value_start, value_end in inline:
                     act = actions[name_index].get(suffix)
                     if act is None:
                         act = actions[name_index][suffix] = xattr_action(name_index, suffix,
                                                                          value_end)
                     action = act[0]
-                    if action == A_SET:
-                        add((A_SET, act[1], data[value_start:value_end], value_end))
-                        sets = True
-                    elif action == A_REDIRECT:
-                        add((A_REDIRECT, act[1], redirect_payload(data, value_start, value_end),
-                             value_end))
+                    if action == A_REDIRECT:
+                        redirect = redirect_payload(data, value_start, value_end)
+                        add((A_REDIRECT, act[1], redirect, value_end))
                     elif action == A_METACOPY:
                         if value_end - value_start == metacopy_size:
-                            add((A_METACOPY, act[1], data[value_start + 4:value_end],
-                                 value_end))
+                            metacopy = data[value_start + 4:value_end]
+                            add((A_METACOPY, act[1], metacopy, value_end))
+                    elif action == A_SET:
+                        add((A_SET, act[1], data[value_start:value_end], value_end))
+                        sets = True
                     elif action != A_DROP:
                         add((action, act[1], data[value_start:value_end], value_end))
                         sets = True
@@ -677,6 +678,10 @@ def _make_builder(walk: _Walk, share_xattrs: bool = False
                 else:
                     # redirect/metacopy only (an external file): the xattrs are the shared set's
                     xattrs = only_set if share_xattrs else only_set.copy()
+                    if ftype == IFREG:
+                        payload = redirect
+                        digest = metacopy
+                    entries = []
             elif only_set is not None:
                 entries = []
                 xattrs = only_set if share_xattrs else only_set.copy()
