@@ -35,9 +35,13 @@ decode that layout).
 
 from __future__ import annotations
 
+import struct
 from array import array
 from collections import Counter
-from itertools import chain
+from bisect import bisect_right
+from collections.abc import Callable
+from functools import partial
+from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 
 from .errors import LayoutError
@@ -131,16 +135,35 @@ class XattrEntryInfo:
         self.rel_ref = (shared_offset >> 2).to_bytes(4, "little")
 
 
+class InlineEntries(dict[int, Callable[[bytes], bytes]]):
+    """The inline entries of one xattr key, by value size: a packer ``value -> entry`` (entry
+    header, name suffix, value, zero padding to 4 bytes), made once per size."""
+
+    __slots__ = ("name_index", "suffix")
+
+    def __init__(self, name_index: int, suffix: bytes) -> None:
+        super().__init__()
+        self.name_index = name_index
+        self.suffix = suffix
+
+    def new(self, value_size: int) -> Callable[[bytes], bytes]:
+        """The packer for values of ``value_size`` bytes (remembered)."""
+        head = _pack_entry_header(len(self.suffix), self.name_index, value_size) + self.suffix
+        layout = struct.Struct(f"<{len(head)}s{value_size}s{-(len(head) + value_size) & 3}x")
+        pack = self[value_size] = partial(layout.pack, head)
+        return pack
+
+
 class XattrPlan:
     """The xattr decisions taken over all records before any inode is placed: the shared table
-    and, per key seen so far, ``(filter mask, name index, suffix)``."""
+    and, per key seen so far, ``(filter mask, inline entries)``."""
 
     __slots__ = ("key_info", "shared", "table", "size", "has_acl")
 
     def __init__(self) -> None:
-        self.key_info: dict[bytes, tuple[int, int, bytes]] = {}
-        #: (key, value) -> its shared entry
-        self.shared: dict[tuple[bytes, bytes], XattrEntryInfo] = {}
+        self.key_info: dict[bytes, tuple[int, InlineEntries]] = {}
+        #: (key, value) -> its 4-byte id relative to the table (``XattrEntryInfo.rel_ref``)
+        self.shared: dict[tuple[bytes, bytes], bytes] = {}
         #: the shared entries in table order
         self.table: list[XattrEntryInfo] = []
         #: bytes of the shared table
@@ -149,10 +172,11 @@ class XattrPlan:
         #: so final once ``lay_out_inodes`` has seen every record
         self.has_acl = False
 
-    def split_key(self, key: bytes) -> tuple[int, int, bytes]:
-        """``(filter mask, name index, suffix)`` of ``key``, remembered in ``key_info``."""
+    def split_key(self, key: bytes) -> tuple[int, InlineEntries]:
+        """``(filter mask, inline entries)`` of ``key``, remembered in ``key_info``."""
         index, suffix = xattr_prefix_split(key)
-        info = self.key_info[key] = (1 << xattr_filter_bit(index, suffix), index, suffix)
+        info = self.key_info[key] = (1 << xattr_filter_bit(index, suffix),
+                                     InlineEntries(index, suffix))
         if key in _ACL_KEYS:
             self.has_acl = True
         return info
@@ -171,8 +195,9 @@ def plan_xattrs(records: list[InodeRecord]) -> XattrPlan:
     table = plan.table
     offset = 0
     for pair in shared_pairs:
-        _, index, suffix = key_info.get(pair[0]) or plan.split_key(pair[0])
-        info = shared[pair] = XattrEntryInfo(index, suffix, pair[1], offset)
+        entries = (key_info.get(pair[0]) or plan.split_key(pair[0]))[1]
+        info = XattrEntryInfo(entries.name_index, entries.suffix, pair[1], offset)
+        shared[pair] = info.rel_ref
         offset += len(info.raw)
         table.append(info)
     plan.size = offset
@@ -183,29 +208,31 @@ def dirent_split(dirents: list[tuple[bytes, int]]) -> tuple[list[tuple[int, int]
     """Split sorted dirents into full-block index ranges plus an inline tail.
 
     Returns ``(chunks, tail_bytes)``: ``chunks`` lists ``(start, end)`` ranges, one per data block,
-    and the last range is the inline tail when ``tail_bytes`` > 0."""
+    and the last range is the inline tail when ``tail_bytes`` > 0. Each block takes as many
+    dirents (12 bytes plus the name) as fit in 4096 bytes."""
+    # ends[i]: bytes of dirents 0..i together; a block from ``first`` takes the dirents whose
+    # end is within 4096 bytes of the end of the previous block
+    ends = list(accumulate(map(_plus_dirent, map(len, map(_name_of, dirents)))))
+    n = len(dirents)
     chunks: list[tuple[int, int]] = []
-    block_size = 0
     first = 0
-    for i, (name, _) in enumerate(dirents):
-        length = 12 + len(name)
-        if block_size + length > EROFS_BLKSIZ:
-            chunks.append((first, i))
-            block_size = 0
-            first = i
-        block_size += length
-    chunks.append((first, len(dirents)))
+    used = 0
+    while True:
+        end = bisect_right(ends, used + EROFS_BLKSIZ, first)
+        if end >= n:
+            break
+        chunks.append((first, end))
+        first = end
+        used = ends[end - 1]
+    chunks.append((first, n))
+    block_size = ends[-1] - used if n else 0
     if block_size > EROFS_MAX_INLINE_TAIL:
         return chunks, 0
     return chunks, block_size
 
 
-def dirents_bytes(dirents: list[tuple[bytes, int]]) -> int:
-    """Bytes of ``dirents`` packed together: 12 per entry plus the names."""
-    return 12 * len(dirents) + sum(map(len, map(_name_of, dirents)))
-
-
 _name_of = itemgetter(0)
+_plus_dirent = (12).__add__
 
 
 def _field_offset(declaration: object, name: str) -> int:
@@ -249,7 +276,7 @@ class InodeTable:
     """
 
     __slots__ = ("data", "end", "nids", "file_types", "build_time", "build_time_nsec",
-                 "n_blocks", "dirs", "blocks", "block_addrs", "shared_refs")
+                 "n_blocks", "dirs", "dir_chunks", "blocks", "block_addrs", "shared_refs")
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -266,12 +293,15 @@ class InodeTable:
         #: per directory, 4 numbers: its record index, the offset of its inline tail (-1: none),
         #: the tail's size, its first data block (-1: none)
         self.dirs = array("q")
+        #: the dirent index ranges (``dirent_split``) of the directories larger than a block
+        self.dir_chunks: dict[int, list[tuple[int, int]]] = {}
         #: the other inodes with data blocks: (first block, number of blocks, bytes of the first
         #: block or None for a block of 0xFF chunk indexes); mkcomposefs writes only the first
         self.blocks: list[tuple[int, int, bytes | None]] = []
         #: inodes with data blocks: (offset of ``i_u``, first block, chunk format or -1)
         self.block_addrs: list[tuple[int, int, int]] = []
-        #: offsets of the 4-byte shared xattr ids (written relative to the shared table)
+        #: where the 4-byte shared xattr ids are (written relative to the shared table), as
+        #: offsets / 4 (the ids are 4-aligned)
         self.shared_refs = array("Q")
 
 
@@ -286,19 +316,19 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
     add_file_type = table.file_types.append
     add_dir = table.dirs.extend
     add_block = table.blocks.append
+    dir_chunks = table.dir_chunks
     add_block_addr = table.block_addrs.append
-    add_shared_ref = table.shared_refs.append
+    add_shared_refs = table.shared_refs.extend
     file_types = _FILE_TYPES
     pack_compact = INODE_COMPACT.pack_into
     pack_extended = INODE_EXTENDED.pack_into
     pack_ihdr = XATTR_IBODY_HEADER.pack
-    pack_entry = _pack_entry_header
-    padding = _PADDING
     get_key_info = xattrs.key_info.get
     split_key = xattrs.split_key
     get_shared = xattrs.shared.get if xattrs.shared else None
     names_of = _name_of
     ff = _FF
+    ff4 = _FF[:4]
 
     pos = INODES_START
     block = 0                 # next data block
@@ -341,6 +371,7 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             if tail > EROFS_BLKSIZ:
                 chunks, tail = dirent_split(dirents)
                 n_blocks = len(chunks) - (1 if tail else 0)
+                dir_chunks[index] = chunks
             elif tail > EROFS_MAX_INLINE_TAIL:
                 n_blocks, tail = 1, 0
             size = n_blocks * EROFS_BLKSIZ + tail
@@ -364,14 +395,14 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                 parts: list[bytes] = [b""]
                 for pair in rec_xattrs:
                     key, value = pair
-                    mask, name_index, suffix = get_key_info(key) or split_key(key)
+                    mask, entries = get_key_info(key) or split_key(key)
                     name_filter |= mask
-                    shared = get_shared(pair) if get_shared is not None else None
-                    if shared is not None and len(refs) < LCFS_MAX_SHARED_XATTRS:
-                        refs.append(shared.rel_ref)
+                    ref = get_shared(pair) if get_shared is not None else None
+                    if ref is not None and len(refs) < LCFS_MAX_SHARED_XATTRS:
+                        refs.append(ref)
                     else:
-                        parts += (pack_entry(len(suffix), name_index, len(value)), suffix, value,
-                                  padding[(len(suffix) + len(value)) & 3])
+                        pack = entries.get(len(value)) or entries.new(len(value))
+                        parts.append(pack(value))
                 n_refs = len(refs)
                 parts[0] = pack_ihdr(_U32 & ~name_filter, n_refs, b"")
                 if n_refs:
@@ -436,14 +467,14 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                            else rec.data[:EROFS_BLKSIZ]))  # type: ignore[index]
         if xsize:
             out[q:q + xsize] = body
-            for k in range(q + 12, q + 12 + 4 * n_refs, 4):
-                add_shared_ref(k)
+            if n_refs:
+                add_shared_refs(range((q + 12) >> 2, ((q + 12) >> 2) + n_refs))
             q += xsize
         if ftype == S_IFDIR:
             add_dir((index, q if tail else -1, tail, block if n_blocks else -1))
         elif tail:
             if datalayout == EROFS_INODE_CHUNK_BASED:
-                out[q:q + tail] = ff[:tail]
+                out[q:q + tail] = ff4 if tail == 4 else ff[:tail]
             else:
                 data = rec.data
                 assert data is not None

@@ -11,6 +11,7 @@ layout/writer disagreement is an ``InternalError``, not a bad image.
 from __future__ import annotations
 
 import struct
+import sys
 from array import array
 from itertools import accumulate, chain, repeat
 from operator import itemgetter
@@ -36,8 +37,6 @@ from .layout import (
     InodeRecord,
     InodeTable,
     XattrPlan,
-    dirent_split,
-    dirents_bytes,
     extend_with_zeros,
     lay_out_inodes,
     plan_xattrs,
@@ -109,8 +108,15 @@ def emit_image(records: list[InodeRecord], table: InodeTable, xattrs: XattrPlan,
     base = (inodes_end % EROFS_BLKSIZ) >> 2
     unpack_u32 = _U32_FIELD.unpack_from
     pack_u32 = _U32_FIELD.pack_into
-    for offset in table.shared_refs:
-        pack_u32(out, offset, unpack_u32(out, offset)[0] + base)
+    if base:
+        if sys.byteorder == "little":       # the image's byte order: add in place
+            words = memoryview(out).cast("I")
+            for word in table.shared_refs:
+                words[word] += base
+            words.release()
+        else:
+            for word in table.shared_refs:
+                pack_u32(out, 4 * word, unpack_u32(out, 4 * word)[0] + base)
 
     # --- block numbers and data blocks ---------------------------------------------------------
     first_block = data_start // EROFS_BLKSIZ
@@ -137,10 +143,7 @@ def emit_image(records: list[InodeRecord], table: InodeTable, xattrs: XattrPlan,
         dirents = records[index].dirents
         assert dirents is not None
         if block >= 0:
-            if dirents_bytes(dirents) <= EROFS_BLKSIZ:
-                chunks = [(0, len(dirents))]
-            else:
-                chunks = dirent_split(dirents)[0]
+            chunks = list(table.dir_chunks.get(index) or [(0, len(dirents))])
             if tail_at >= 0:
                 last = chunks.pop()
             for start, end in chunks:

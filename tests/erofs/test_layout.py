@@ -11,6 +11,8 @@ from __future__ import annotations
 import stat
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from erofs.format import (
     EROFS_BLKSIZ,
@@ -173,6 +175,28 @@ def test_dirent_split_fills_blocks_and_keeps_a_small_tail():
     assert chunks == [(0, 240), (240, 340)] and tail == 100 * 17
     chunks, tail = dirent_split(names[:10])
     assert chunks == [(0, 10)] and tail == 170
+
+
+def _greedy_split(dirents: list[tuple[bytes, int]]) -> tuple[list[tuple[int, int]], int]:
+    """dirent_split's definition, one dirent at a time: a block takes dirents while they fit."""
+    chunks, block_size, first = [], 0, 0
+    for i, (name, _) in enumerate(dirents):
+        if block_size + 12 + len(name) > EROFS_BLKSIZ:
+            chunks.append((first, i))
+            block_size, first = 0, i
+        block_size += 12 + len(name)
+    chunks.append((first, len(dirents)))
+    return chunks, (block_size if block_size <= EROFS_BLKSIZ // 2 else 0)
+
+
+# dirents of 16, 32, 64 or 128 bytes (names of 4, 20, 52, 116) often fill a block exactly
+@given(st.one_of(st.lists(st.sampled_from([4, 20, 52, 116]), max_size=900),
+                 st.lists(st.integers(1, 255), max_size=700)))
+@example([4] * 600)
+@settings(max_examples=300, deadline=None)
+def test_dirent_split_is_the_greedy_split(lengths):
+    dirents = [(b"x" * n, 0) for n in lengths]
+    assert dirent_split(dirents) == _greedy_split(dirents)
 
 
 @pytest.mark.parametrize("n_files, tail_inline", [(10, True), (230, False), (300, True), (400, False)])
