@@ -14,7 +14,6 @@ import struct
 import sys
 from array import array
 from itertools import accumulate, chain, repeat
-from operator import itemgetter
 
 from .errors import InternalError
 from .format import (
@@ -51,19 +50,18 @@ _FF_BLOCK = b"\xff" * EROFS_BLKSIZ
 #: struct packers of n consecutive dirents, by n (all derived from ``DIRENT``)
 _DIRENT_FIELDS = DIRENT.format[1:]
 _dirent_packers: dict[int, struct.Struct] = {}
-_name_of = itemgetter(0)
-_target_of = itemgetter(1)
 
 
 def _pack_dirents(out: bytearray, offset: int, dirents: list[tuple[bytes, int]], nids: array,
                   file_types: bytearray) -> int:
     """Write ``dirents`` as one chunk (headers, then names) at ``offset``; return its end."""
     n = len(dirents)
+    if not n:
+        return offset
     packer = _dirent_packers.get(n)
     if packer is None:
         packer = _dirent_packers[n] = struct.Struct("<" + _DIRENT_FIELDS * n)
-    names = list(map(_name_of, dirents))
-    targets = list(map(_target_of, dirents))
+    names, targets = zip(*dirents)
     packer.pack_into(out, offset, *chain.from_iterable(zip(
         map(nids.__getitem__, targets), accumulate(map(len, names), initial=12 * n),
         map(file_types.__getitem__, targets), repeat(0))))
