@@ -8,9 +8,11 @@ Each input is run --runs times in a fresh process; the median wall time and the 
 (GNU time) are reported. --reference PATH runs another mkcomposefs (e.g. the C 1.0.8 build)
 on the same inputs, alternating with mkcfs run by run, prints the ratios of the medians and
 checks that both produce identical images. Inputs given with --input are used as they are
-(uncompressed ones are not copied: a 2M-entry dumpfile is large).
+(uncompressed ones are not copied: a 2M-entry dumpfile is large). --stages also builds each
+input once in a fresh process stage by stage and prints each stage's CPU time and the RSS after
+it (parse, flatten, lay out and emit), to see where the time and the memory go.
 
-    python3 tools/bench_fromfile.py --runs 7 [--reference /path/to/mkcomposefs]
+    python3 tools/bench_fromfile.py --runs 7 [--reference /path/to/mkcomposefs] [--stages]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +73,39 @@ def generate_dumpfile(entries: int, seed: int = 1) -> bytes:
 from benchrun import run_once  # noqa: E402  (tools/ is the script's directory)
 
 
+def build_in_stages(dumpfile: Path) -> None:
+    """Build ``dumpfile`` the way ``mkcomposefs --from-file`` does (mkcfs.build.image), timing
+    each stage; prints one line. Run in a fresh process (``--stages-of``)."""
+    import gc
+    import resource
+    import time
+
+    sys.path.insert(0, str(REPO))
+    from erofs.writer import build_image as emit
+    from mkcfs.build.flatten import choose_version, flatten
+    from mkcfs.sources.dumpfile import parse_dumpfile
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+    gc.disable()   # as build_image_from: no collector passes over the build
+    marks = [("start", time.process_time(), rss_mib())]
+    with open(dumpfile, "rb") as stream:
+        root = parse_dumpfile(stream, share_xattrs=True)
+    marks.append(("parse", time.process_time(), rss_mib()))
+    version = choose_version(root, 0, 1)
+    records = flatten(root, version, consume=True)
+    del root
+    marks.append(("flatten", time.process_time(), rss_mib()))
+    emit(records, version)
+    marks.append(("emit", time.process_time(), rss_mib()))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("  stages (CPU s, RSS MiB after):  " + "  ".join(
+        f"{name} {t - marks[i][1]:.3f} s {rss:.0f}" for i, (name, t, rss) in enumerate(marks[1:]))
+        + f"  peak {peak:.0f}", flush=True)
+
+
 def bench_pair(tools: list[tuple[str, list[str], Path]], dumpfile: Path,
                runs: int) -> dict[str, tuple[float, int, float]]:
     """Median wall time and median peak RSS per tool, the tools alternating run by run (so both
@@ -107,7 +143,13 @@ def main() -> int:
     parser.add_argument("--input", action="append", default=[], help="extra dumpfile (.gz ok)")
     parser.add_argument("--no-generated", action="store_true",
                         help="only the cs9 dump and the --input files")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time each build stage (one run per input)")
+    parser.add_argument("--stages-of", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stages_of is not None:
+        build_in_stages(args.stages_of)
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
@@ -140,6 +182,8 @@ def main() -> int:
                 print(f"  ratio: wall {wall / rwall:.2f}x, peak memory {rss / rrss:.2f}x, "
                       f"CPU {cpu / rcpu:.2f}x, images {'identical' if same else 'DIFFERENT'}",
                       flush=True)
+            if args.stages:
+                subprocess.run([sys.executable, __file__, "--stages-of", str(path)], check=True)
     return 0
 
 

@@ -49,6 +49,8 @@ _MAX_SINGLE_CHUNK_SIZE = 1 << 43
 _SELINUX_MAX = overlay.XATTR_BUDGET_MAX - 12 - 7 - len(overlay.SELINUX)
 #: the xattrs of a record without any (one shared empty list: the planner only reads them)
 _NO_XATTRS: list[tuple[bytes, bytes]] = []
+#: the xattrs of a node of a consumed tree once it has its record (never an xattrs dict of a node)
+_TAKEN: dict[bytes, bytes] = {b"": b""}
 assert overlay.METACOPY < overlay.REDIRECT
 
 
@@ -198,25 +200,25 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
     Node_, Record = Node, InodeRecord
     S_IFMT_, S_IFDIR_, S_IFREG_, S_IFLNK_, S_IFCHR_ = S_IFMT, S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR
 
-    # consume: the ids of nodes that hard links reach -> their index (found before the nodes
-    # are dropped); the id of every queued node (a node queued twice is refused at the end)
+    # consume: the ids of the nodes that hard links reach -> their index (found before the nodes
+    # are dropped). A node that is not a directory is dropped from the queue as it is reached
+    # and its xattrs set to _TAKEN (reached again: it is reachable twice); a directory keeps its
+    # place (its xattrs may be needed at the end) and its children become None once queued.
     targets = _link_targets(root) if consume else set()
     index_of: dict[int, int] = {}
-    ids: list[int] = []
-    ids_append = ids.append
-    kept: dict[int, Node] = {}   # consume: the whiteouts, needed once more at the end
+    whiteout_xattrs_of: dict[int, dict[bytes, bytes]] = {}
 
     # the same list, typed for the walk: a slot is None only once its node has its record
     for index, node in enumerate(cast("list[Node]", queue)):
-        if consume:
-            ids_append(id(node))
-            if targets and id(node) in targets:
-                index_of[id(node)] = index
-            if node.children is None:
-                queue[index] = None
         mode = node.mode
         ftype = mode & S_IFMT_
         xattrs = node.xattrs
+        if consume:
+            if targets and id(node) in targets:
+                index_of[id(node)] = index
+            if ftype != S_IFDIR_:
+                queue[index] = None
+                node.xattrs = _TAKEN
         if not xattrs:
             xlist = _NO_XATTRS
         else:
@@ -224,6 +226,9 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
             if known is not None and known[0] is xattrs:
                 xlist = known[1]
             else:
+                if xattrs is _TAKEN:
+                    raise WriteError(errno.EINVAL, "node reachable twice at "
+                                     f"{_path_at(records, parents, index)}")
                 xlist = sorted(_own_xattrs(xattrs).items())
                 if len(sorted_lists) < 4096:
                     sorted_lists[id(xattrs)] = (xattrs, xlist)
@@ -255,10 +260,11 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
             continue
 
         if ftype == S_IFDIR_:
-            if id(node) in seen_dirs:
+            if node.children is None if consume else id(node) in seen_dirs:
                 where = _path_at(records, parents, index) if consume else _path_of(root, node)
                 raise WriteError(errno.EINVAL, f"node reachable twice at {where}")
-            seen_dirs.add(id(node))
+            if not consume:
+                seen_dirs.add(id(node))
             parent = parents[index]
             if index:
                 records[parent].nlink += 1   # this directory's ".." links its parent
@@ -267,7 +273,7 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
             names = sorted(children)
             kids = list(map(children.__getitem__, names))
             if consume:
-                node.children.clear()  # type: ignore[union-attr]
+                node.children = None
             start = len(queue)
             # "." and ".." go to their sorted places (not always neighbours: ".-" sorts between)
             dot = bisect_left(names, b".")
@@ -309,16 +315,15 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
             mode = S_IFREG | (mode & ~S_IFMT_)
             size = 0
             whiteouts.append(index)
-            if consume:
-                kept[index] = node
+            whiteout_xattrs_of[index] = xattrs
             parent = parents[index]
             whiteout_marks[parent] = whiteout_marks.get(parent, 0) + 1
         append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
                              node.mtime_sec, node.mtime_nsec, xlist, None, None, False))
 
-    # a node reachable twice, if it is not a directory (those were caught above)
+    # a node reachable twice, if it is not a directory (consume: all were caught above)
     if consume:
-        twice = len(set(ids)) != len(ids)
+        twice = False
     elif links:
         index_of = {id(node): i for i, node in enumerate(queue)}
         twice = len(index_of) != len(queue)
@@ -326,12 +331,10 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
         twice = len(set(map(id, queue))) != len(queue)
     if twice:
         seen: set[int] = set()
-        for index, node_id in enumerate(ids or map(id, queue)):
-            if node_id in seen:
-                where = _path_at(records, parents, index) if consume else \
-                    _path_of(root, queue[index])   # type: ignore[arg-type]
-                raise WriteError(errno.EINVAL, f"node reachable twice at {where}")
-            seen.add(node_id)
+        for again in cast("list[Node]", queue):
+            if id(again) in seen:
+                raise WriteError(errno.EINVAL, f"node reachable twice at {_path_of(root, again)}")
+            seen.add(id(again))
 
     # the writer's xattrs, in libcomposefs's order: each node's own, then its whiteout children's
     # marks (both gathered above), and last the root's opaque flag
@@ -343,9 +346,11 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
     additions.update((index, whiteout_adds) for index in whiteouts)
     additions[0] = additions[0] + [(overlay.OPAQUE, b"y")]
     for index in sorted(additions):
-        node = kept.get(index) or cast(Node, queue[index])
+        own = whiteout_xattrs_of.get(index)
+        if own is None:
+            own = cast(Node, queue[index]).xattrs   # a directory's
         records[index].xattrs = sorted(_apply(
-            _own_xattrs(node.xattrs), additions[index],
+            _own_xattrs(own), additions[index],
             lambda: _path_at(records, parents, index)).items())  # noqa: B023 (called at once)
     if root_whiteouts and selinux is not None and len(selinux) > _SELINUX_MAX:
         raise WriteError(errno.ERANGE, "security.selinux of the root is too long")
