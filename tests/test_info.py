@@ -486,3 +486,71 @@ def test_writer_order_dump_rebuilds_the_same_image(case, tmp_path, monkeypatch, 
     again = tmp_path / "b.img"
     assert mk_main([*case.args, "--from-file", str(dump), str(again)]) == 0
     assert_same_image(again.read_bytes(), image.read_bytes())
+
+
+# --- dump: the text waits until the image was read to the end ---------------------------------
+
+def _generated_image(tmp_path, seed: int = 3):
+    from mkcfs.build.image import build_image
+
+    from .treegen import generate
+
+    path = tmp_path / "g.img"
+    path.write_bytes(bytes(build_image(generate(seed, bulk=200, large=10000).root).data))
+    return path
+
+
+def _tree_dump(path) -> bytes:
+    from mkcfs.inspect.unflatten import load_tree
+    from mkcfs.sources.dumpfile import format_dumpfile
+
+    return format_dumpfile(load_tree(path.read_bytes()))
+
+
+@pytest.mark.parametrize("spool_memory", [0, 1000, 1 << 30])
+def test_dump_text_spooled_through_a_file_is_intact(tmp_path, capsysbinary, monkeypatch,
+                                                     spool_memory):
+    path = _generated_image(tmp_path)
+    monkeypatch.setattr(composefs_info, "_SPOOL_MEMORY", spool_memory)
+    monkeypatch.setattr(composefs_info, "_SPOOL_CHUNK", 777)
+    assert composefs_info.main(["dump", str(path)]) == 0
+    assert capsysbinary.readouterr().out == _tree_dump(path)
+
+
+def test_dump_text_stays_in_memory_without_a_temporary_file(tmp_path, capsysbinary,
+                                                             monkeypatch):
+    import tempfile
+
+    def no_file(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    path = _generated_image(tmp_path)
+    monkeypatch.setattr(composefs_info, "_SPOOL_MEMORY", 1000)
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_file)
+    assert composefs_info.main(["dump", str(path)]) == 0
+    assert capsysbinary.readouterr().out == _tree_dump(path)
+
+
+def test_dump_of_an_image_damaged_late_prints_nothing(tmp_path, capsysbinary, monkeypatch):
+    from erofs.reader import Image
+
+    path = _generated_image(tmp_path)
+    data = bytearray(path.read_bytes())
+    image = Image(bytes(data))
+    # a directory far into the walk (the largest nid: the writer numbers breadth first) gets
+    # a bad first name offset
+    dirs = [image.root_nid]
+    for dir_nid in dirs:
+        for name, nid, _type in image.dirents(image.inode(dir_nid)):
+            if name not in (b".", b"..") and image.inode(nid).mode & 0o170000 == 0o040000:
+                dirs.append(nid)
+    last_dir = max(dirs)
+    offset = image.extents(image.inode(last_dir))[0][0]
+    data[offset + 8] = 7
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(composefs_info, "_SPOOL_MEMORY", 1000)
+    assert composefs_info.main(["dump", str(path)]) == 1
+    out, err = capsysbinary.readouterr()
+    assert out == b""
+    assert err.startswith(b"composefs-info: Failed to load") and err.count(b"\n") == 1
+

@@ -26,11 +26,12 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import NoReturn
-from collections.abc import Callable, Iterable, Sequence
+from typing import BinaryIO, NoReturn
+from collections.abc import Callable, Sequence
 
 from mkcfs.sources.dumpfile import escape_table, escape_with
 from mkcfs.cli import common
+from mkcfs.errors import CfsError
 
 PROG = "composefs-info"
 USAGE = (f"usage: {PROG} [--basedir=path] [ls|objects|dump|missing-objects|measure-file] "
@@ -197,7 +198,8 @@ def _load(path: str, toplevel: list[bytes] | None, hardlinks: str = "first"):
 def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
     """``dump`` of one image: printed straight from its inodes (``dump_records``) when the
     image allows, else from the tree ``load_tree`` builds (which also names any problem).
-    Like the C tool, nothing is printed unless the whole image could be read."""
+    Like the C tool, nothing is printed unless the whole image could be read: the text waits
+    in a :class:`_Spool`."""
     from erofs.errors import ImageFormatError
     from erofs.reader import Image
 
@@ -205,14 +207,76 @@ def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
     from mkcfs.sources.dumpfile import dump_blocks, tree_records
 
     data = _read_image(path)
-    blocks: Iterable[bytes]
+    spool = _Spool()
     try:
-        blocks = list(dump_blocks(dump_records(Image(data), toplevel)))
+        for block in dump_blocks(dump_records(Image(data), toplevel)):
+            spool.write(block)
     except (NeedsTree, ImageFormatError):
-        blocks = dump_blocks(tree_records(common.load_image_tree(path, data, toplevel=toplevel)))
-    write = common.stdout().write
-    for block in blocks:
-        write(block)
+        spool.close()
+        root = common.load_image_tree(path, data, toplevel=toplevel)
+        del data
+        write = common.stdout().write
+        for block in dump_blocks(tree_records(root)):
+            write(block)
+        return
+    del data
+    spool.copy_to(common.stdout())
+
+
+#: dump text kept in memory; beyond this it waits in a temporary file
+_SPOOL_MEMORY = 4 << 20
+_SPOOL_CHUNK = 1 << 20
+
+
+class _Spool:
+    """Output held back until an image has been read to the end: in memory up to
+    ``_SPOOL_MEMORY`` bytes, then in an unnamed temporary file, so that peak memory does not
+    grow with the text (the page cache holds it). If no temporary file can be made, the text
+    stays in memory; if one fails later (a full disk), that is the error reported."""
+
+    def __init__(self) -> None:
+        self.blocks: list[bytes] = []
+        self.size = 0
+        self.file: BinaryIO | None = None
+        self.in_memory = False      # no temporary file could be made
+
+    def write(self, block: bytes) -> None:
+        if self.file is not None:
+            try:
+                self.file.write(block)
+            except OSError as exc:
+                self.close()
+                raise CfsError("cannot keep the dump in a temporary file: "
+                               f"{exc.strerror or exc}") from None
+            return
+        self.blocks.append(block)
+        self.size += len(block)
+        if self.size > _SPOOL_MEMORY and not self.in_memory:
+            import tempfile
+
+            try:
+                self.file = tempfile.TemporaryFile()
+                for kept in self.blocks:
+                    self.file.write(kept)
+            except OSError:
+                self.close()
+                self.in_memory = True
+            else:
+                self.blocks.clear()
+
+    def copy_to(self, out: common.FullWriter) -> None:
+        for block in self.blocks:
+            out.write(block)
+        if self.file is not None:
+            self.file.seek(0)
+            while chunk := self.file.read(_SPOOL_CHUNK):
+                out.write(chunk)
+            self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 # --- escaping as print_escaped() does ---------------------------------------------------------
