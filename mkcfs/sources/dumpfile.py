@@ -925,11 +925,12 @@ def dump_blocks(records: Iterable[DumpRecord]) -> Iterator[bytes]:
             content = b"\\x2d"
         elif content.translate(None, safe_std):
             content = escaped(content)
-        line = b"%s %d %s%o %d %d %d %d %d.%d %s %s %s" % (
-            path, size, at, mode, nlink & u32, uid & u32, gid & u32, rdev, mtime,
-            mtime_nsec & u32, payload, content, b"-" if digest is None else hexlify(digest))
-        if xattrs:
-            parts = [line]
+        fields = (path, size, at, mode, nlink & u32, uid & u32, gid & u32, rdev, mtime,
+                  mtime_nsec & u32, payload, content, b"-" if digest is None else hexlify(digest))
+        if not xattrs:
+            add(b"%s %d %s%o %d %d %d %d %d.%d %s %s %s\n" % fields)
+        else:
+            parts = [b"%s %d %s%o %d %d %d %d %d.%d %s %s %s" % fields]
             for item in xattrs.items():
                 text = xattr_texts.get(item)
                 if text is None:
@@ -944,8 +945,6 @@ def dump_blocks(records: Iterable[DumpRecord]) -> Iterator[bytes]:
                 parts.append(text)
             parts.append(b"\n")
             add(b"".join(parts))
-        else:
-            add(line + b"\n")
         if len(lines) >= _LINES_PER_BLOCK:
             yield b"".join(lines)
             lines.clear()
