@@ -386,5 +386,4 @@ def object_path(digest: bytes) -> str:
     """Return the composefs object path for *digest*: ``"ab/cdef…"`` (2 + "/" + 62 hex chars)."""
     if len(digest) != DIGEST_SIZE:
         raise ValueError(f"digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
-    h = digest.hex()
-    return f"{h[:2]}/{h[2:]}"
+    return digest.hex("/", DIGEST_SIZE - 1)   # a "/" after the first byte only

@@ -307,3 +307,46 @@ def test_unchanged_rebuild_does_not_rewrite_the_cache(tmp_path):
     build(src, cache)
     assert os.stat(cache).st_ino != before.st_ino
     assert len(sections(cache)[0].raw) == 19 * 64
+
+
+def test_partly_changed_tree_keeps_hit_records_and_replaces_changed_ones(tmp_path, monkeypatch):
+    """A rebuild keeps the records of the files it found unchanged as they were and merges the
+    new records of changed and added files into one section sorted by inode, one per file; the
+    next build then reads nothing."""
+    src = tmp_path / "src"
+    make_tree(src)
+    cache = tmp_path / "cache"
+    build(src, cache)
+    (old,) = sections(cache)
+    time.sleep(0.02)
+    (src / "f4").write_bytes(b"x" * 500)
+    (src / "sub" / "f7").write_bytes(b"y" * 300)
+    (src / "new").write_bytes(b"z" * 200)
+    os.unlink(src / "f2")
+    changed = build(src, cache)
+    assert changed == build(src)
+    (section,) = sections(cache)
+    words = section.words
+    records = {words[i]: (words[i + 1], words[i + 2], words[i + 3]) for i in range(0, len(words), 8)}
+    inodes = list(words[0::8])
+    assert inodes == sorted(inodes) and len(records) == len(inodes) == 20
+    expected = {}
+    for dirpath, _, names in os.walk(src):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if st.st_size > 64:
+                expected[st.st_ino] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    assert records == expected
+    def raw_records(section) -> dict[int, bytes]:
+        return {section.words[i // 8]: section.raw[i:i + 64] for i in range(0, len(section.raw), 64)}
+
+    rewritten = {os.lstat(src / name).st_ino for name in ("f4", "sub/f7", "new")}
+    before, now = raw_records(old), raw_records(section)
+    unchanged = set(now) - rewritten
+    assert len(unchanged) == 17 and all(now[ino] == before[ino] for ino in unchanged)
+    from mkcfs.store import digests
+    opened = []
+    real_open = digests.open_source
+    monkeypatch.setattr(digests, "open_source", lambda p: opened.append(p) or real_open(p))
+    assert build(src, cache) == changed
+    assert opened == []

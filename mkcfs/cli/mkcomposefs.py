@@ -185,7 +185,8 @@ def _main(argv: list[str]) -> int:
             use_epoch="use-epoch" in opts, skip_devices="skip-devices" in opts,
             skip_xattrs="skip-xattrs" in opts, user_xattrs="user-xattrs" in opts,
             hardlinks="hardlinks" in opts, threads=threads,
-            digest_store=store, digest_cache=cache or None))
+            digest_store=store, digest_cache=cache or None,
+            share_xattrs=True))   # only build_image_from sees the tree
 
     from mkcfs.build.image import build_image_from
     from mkcfs.fsutil import write_atomically

@@ -76,7 +76,7 @@ class WalkOptions:
     they are processes, see ``mkcfs.store.digests.DigestPool``). ``digest_store``: object store
     directory to fill, or None. ``digest_cache``: digest cache file (``mkcfs.store.cache``) to
     use and update, or None. ``progress``: show a progress line on stderr (None: when
-    stderr is a terminal)."""
+    stderr is a terminal). ``share_xattrs``: see the field."""
 
     use_epoch: bool = False
     skip_devices: bool = False
@@ -87,6 +87,9 @@ class WalkOptions:
     digest_store: PathArg | None = None
     digest_cache: PathArg | None = None
     progress: bool | None = None
+    #: nodes without xattrs share one empty dict (less memory and time for a big tree): only
+    #: for a tree that nobody modifies, such as the one ``build_image_from`` is given
+    share_xattrs: bool = False
 
 
 def _default_threads() -> int:
@@ -106,6 +109,8 @@ class _Walker:
         self.progress = progress
         self.read_xattrs = not options.skip_xattrs
         self.user_only = options.user_xattrs
+        #: the xattrs of a node without any (None: a new dict each)
+        self.no_xattrs: dict[bytes, bytes] | None = {} if options.share_xattrs else None
         #: (dev, ino, size) -> node, for files with several links (read them once)
         self.seen: dict[tuple[int, int, int], Node] = {}
         #: hardlinks mode: (dev, ino) -> [(path, parent children, name, node)]
@@ -179,6 +184,7 @@ class _Walker:
 
     def scan(self, dpath: bytes, dnode: Node, stack: list[tuple[bytes, Node]]) -> int:
         """Add the entries of directory ``dpath`` to ``dnode``; push subdirectories."""
+        # the per-entry loop of the whole build: everything it uses is a local
         children = dnode.children
         assert children is not None
         options = self.options
@@ -187,13 +193,15 @@ class _Walker:
         hardlinks = options.hardlinks
         read_xattrs = self.read_xattrs
         xattrs = self.xattrs
-        pool = self.pool
+        no_xattrs = self.no_xattrs
+        add = self.pool.add
         seen = self.seen
         links = self.links
         readlink = os.readlink
         modes = self.modes
         mtimes = self.mtimes
         cache = self.cache
+        lookup = cache.lookup if cache is not None else None
         store = self.store
         count = 0
         try:
@@ -220,11 +228,8 @@ class _Walker:
                     size = st.st_size
                     # one int object per distinct mode and mtime (trees share few): less memory
                     node = Node(modes.setdefault(mode, mode), 1, st.st_uid, st.st_gid,
-                                st.st_rdev, size, sec, nsec)
-                    if read_xattrs:
-                        found = xattrs(path)
-                        if found:
-                            node.xattrs = found
+                                st.st_rdev, size, sec, nsec, None, None, None,
+                                (xattrs(path) or no_xattrs) if read_xattrs else no_xattrs)
                     name = entry.name
                     children[name] = node
                     if fmt == _S_IFREG:
@@ -236,19 +241,18 @@ class _Walker:
                                 key = (st.st_dev, st.st_ino, size)
                                 primary = seen.get(key)
                                 if primary is not None:
-                                    pool.alias(node, primary)
+                                    self.pool.alias(node, primary)
                                     continue
                                 seen[key] = node
-                            if cache is not None and size > INLINE_MAX:
-                                digest = cache.lookup(st)
+                            if lookup is not None and size > INLINE_MAX:
+                                digest = lookup(st)
                                 if digest is not None and (store is None or digest in store):
                                     node.digest = digest
                                     node.payload = object_path(digest).encode()
-                                    cache.record(st, digest)
                                     continue
-                                if cache.cacheable(st):
-                                    cache.record_later(st, node)
-                            pool.add(path, node)
+                                if cache.cacheable(st):  # type: ignore[union-attr]
+                                    cache.record_later(st, node)  # type: ignore[union-attr]
+                            add(path, node)
                     elif fmt == _S_IFDIR:
                         stack.append((path, node))
                     else:

@@ -40,7 +40,10 @@ entries in all.
 
 Why one file and not ``sqlite3``: measured on 140k files (``/usr``), writing the whole cache
 takes 0.08 s as one file and 1.05 s as an sqlite table, loading 0.02 s against 0.65 s, and one
-sqlite point query costs ~14 µs against ~1 µs for a binary search here.
+sqlite point query costs ~14 µs against ~0.2 µs for the dict lookup here (inode -> record
+index, built once when the section is loaded: ~10 ms for 115k records, cheaper than a binary
+search per file). A hit is remembered as a mark on the old record, which ``save`` copies as
+it is: an unchanged tree costs no per-file bookkeeping at all.
 
 Format (little-endian): ``MAGIC``, CRC-32 of everything after this field (u32), section count
 (u32); per section a header (``_SECTION``) and ``count`` records of 8 u64 sorted by inode:
@@ -53,6 +56,7 @@ import os
 import struct
 import time
 import zlib
+import re
 from array import array
 from bisect import bisect_left
 
@@ -71,6 +75,8 @@ _U64 = (1 << 64) - 1
 #: entries whose ctime is this close to (or after) the build's start are not recorded
 RACY_MARGIN_NS = 3_000_000_000
 MAX_SECTIONS = 64
+#: a run of old records that a lookup hit (``DigestCache._hit_marks``)
+_MARKED_RUN = re.compile(b"\x01+")
 #: an unchanged section is rewritten (to refresh its last use) only when older than this
 REFRESH_NS = 24 * 3600 * 10**9
 MAX_ENTRIES = 4_000_000
@@ -177,33 +183,35 @@ class DigestCache:
                 if section.identity == self.identity:
                     self._old = section
                     break
-        #: this build's records: 4 words (inode, size, mtime, ctime) + digests, in walk order
+        #: the old section's inode -> record index (records are unique by inode)
+        self._index: dict[int, int] = {}
+        if self._old is not None:
+            self._index = dict(zip(self._old.inodes, range(len(self._old.inodes))))
+        #: this build's new records: 4 words (inode, size, mtime, ctime) + digests, walk order
         self._words = array("Q")
         self._digests = bytearray()
         self._pending_words = array("Q")
         self._pending_nodes: list[Node] = []
         self.hits = 0
-        #: which of the old section's records a lookup returned (all, and nothing new: the
-        #: section is unchanged and need not be written again)
-        self._hit_marks = bytearray(0 if self._old is None else len(self._old.inodes))
+        #: which of the old section's records a lookup returned: they stay in the section
+        #: (all, and nothing new: the section is unchanged and need not be written again)
+        self._hit_marks = bytearray(len(self._index))
 
     def lookup(self, st: os.stat_result) -> bytes | None:
         """The recorded digest of the file with ``lstat`` result ``st``, if every key matches."""
+        i = self._index.get(st.st_ino)
+        if i is None or st.st_dev != self.dev:
+            return None
         old = self._old
-        if old is None or st.st_dev != self.dev:
-            return None
-        ino = st.st_ino
-        inodes = old.inodes
-        i = bisect_left(inodes, ino)
-        if i == len(inodes) or inodes[i] != ino:
-            return None
+        assert old is not None
         words = old.words
         base = i * _WORDS
         if (words[base + 1] != st.st_size or words[base + 2] != st.st_mtime_ns & _U64
                 or words[base + 3] != st.st_ctime_ns & _U64):
             return None
-        self.hits += 1
-        self._hit_marks[i] = 1
+        if not self._hit_marks[i]:
+            self.hits += 1
+            self._hit_marks[i] = 1
         return old.raw[i * _RECORD + 32:(i + 1) * _RECORD]
 
     def cacheable(self, st: os.stat_result) -> bool:
@@ -212,7 +220,8 @@ class DigestCache:
                 and st.st_ctime_ns < self.started - RACY_MARGIN_NS)
 
     def record(self, st: os.stat_result, digest: bytes) -> None:
-        """Remember ``digest`` for the file with ``lstat`` result ``st`` (see ``cacheable``)."""
+        """Remember ``digest`` for the file with ``lstat`` result ``st`` (see ``cacheable``);
+        a file ``lookup`` found needs no call: its record is kept."""
         self._words.extend((st.st_ino, st.st_size, st.st_mtime_ns & _U64,
                             st.st_ctime_ns & _U64))
         self._digests += digest
@@ -236,34 +245,56 @@ class DigestCache:
         self._pending_words = array("Q")
         self._pending_nodes = []
 
+    def _body(self) -> tuple[bytes, int]:
+        """This build's section: the old records a lookup hit (copied as they are) merged with
+        the new ones, sorted by inode, one record per inode; and its record count."""
+        words, digests = self._words, self._digests
+        inodes = words[0::4]
+        order = sorted(range(len(inodes)), key=inodes.__getitem__)
+        old = self._old
+        marks = self._hit_marks
+        old_inodes = old.inodes if old is not None else array("Q")
+        raw = old.raw if old is not None else b""
+        pieces: list[bytes | bytearray] = []
+        count = 0
+        done = 0   # old records before this index are merged already
+
+        def old_records(end: int) -> None:
+            nonlocal count
+            for run in _MARKED_RUN.finditer(marks, done, end):
+                pieces.append(raw[run.start() * _RECORD:run.end() * _RECORD])
+                count += run.end() - run.start()
+
+        last = -1
+        for i in order:
+            ino = inodes[i]
+            if ino == last:   # the same file under two names: once is enough
+                continue
+            last = ino
+            at = bisect_left(old_inodes, ino, done)
+            if at < len(old_inodes) and old_inodes[at] == ino and marks[at]:
+                continue   # the old record of this file was hit: it stays
+            old_records(at)
+            done = at
+            pieces.append(words[4 * i:4 * i + 4].tobytes())
+            pieces.append(digests[32 * i:32 * i + 32])
+            count += 1
+        old_records(len(marks))
+        return b"".join(pieces), count
+
     def save(self) -> None:
         """Write this build's section, keeping the other sections of the file as it is now."""
         if not self.identity:
             return
         old = self._old
         if (old is not None and self._hit_marks.count(0) == 0
-                and len(self._words) // 4 == self.hits and not self._pending_nodes
+                and not self._words and not self._pending_nodes
                 and time.time_ns() - old.last_used < REFRESH_NS):
             return   # every file hit and nothing new: the file already says all of it
-        words, digests = self._words, self._digests
-        n = len(words) // 4
-        inodes = words[0::4]
-        order = sorted(range(n), key=inodes.__getitem__)
-        body = bytearray()
-        last = -1
-        count = 0
-        for i in order:
-            ino = inodes[i]
-            if ino == last:   # the same file under two names: once is enough
-                continue
-            last = ino
-            body += words[4 * i:4 * i + 4].tobytes()
-            body += digests[32 * i:32 * i + 32]
-            count += 1
-        del order, inodes
+        body, count = self._body()
         now = time.time_ns()
         mine = _Section.__new__(_Section)
-        mine.identity, mine.last_used, mine.raw = self.identity, now, bytes(body)
+        mine.identity, mine.last_used, mine.raw = self.identity, now, body
         sections = [mine]
         total = count
         others = sorted((s for s in _load(self.path) if s.identity != self.identity),
