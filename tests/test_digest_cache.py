@@ -22,6 +22,7 @@ import pytest
 from mkcfs.build.image import build_image
 from mkcfs.store import cache as cache_mod
 from mkcfs.store.cache import DigestCache, default_cache_path
+from mkcfs.store.digests import DigestPool
 from mkcfs.sources.walk import WalkOptions, walk_directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -350,3 +351,66 @@ def test_partly_changed_tree_keeps_hit_records_and_replaces_changed_ones(tmp_pat
     monkeypatch.setattr(digests, "open_source", lambda p: opened.append(p) or real_open(p))
     assert build(src, cache) == changed
     assert opened == []
+
+
+class _Kept:
+    """A future that cannot be taken back (``cancel``)."""
+
+    def __init__(self, future) -> None:
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self):
+        return self.future.result()
+
+    def cancel(self) -> bool:
+        return False
+
+
+def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeypatch):
+    """A rebuild that expects cache hits has the pool's worker processes walk parts of the
+    tree (``walk._Walker.walk_shared``): the image is the uncached one, the cache keeps a
+    record of every file (hits found in the workers included), and the next build finds
+    every file in it."""
+    from mkcfs.sources import walk
+
+    src = tmp_path / "src"
+    for d in range(24):
+        sub = src / f"d{d:02}" / "deeper"
+        sub.mkdir(parents=True)
+        for i in range(6):   # 0..500 bytes: empty, inline and external files
+            (sub.parent / f"f{i}").write_bytes(bytes([d, i]) * (50 * i))
+        (sub / "small").write_bytes(b"s" * d)
+        os.symlink(f"../f{d % 6}", sub / "link")
+        os.mkfifo(sub / "fifo")
+        try:
+            os.setxattr(sub.parent / "f3", "user.test", bytes([65 + d]))
+        except OSError:
+            pass
+        os.link(sub.parent / "f5", sub / "f5-again")
+    cache = tmp_path / "cache"
+    build(src, cache)
+    time.sleep(0.02)
+    (src / "d03" / "f4").write_bytes(b"changed" * 50)
+    (src / "d17" / "deeper" / "new").write_bytes(b"new" * 50)
+    grafted = []
+    graft = walk._Walker.graft
+    monkeypatch.setattr(walk._Walker, "graft",
+                        lambda self, job, packed: grafted.extend(job) or graft(self, job, packed))
+    # this process takes back no job (else it may walk all of these small ones before a
+    # worker starts)
+    call = DigestPool.call
+    monkeypatch.setattr(DigestPool, "call", lambda *args: _Kept(call(*args)))
+    assert build(src, cache) == build(src)
+    assert len(grafted) == 24
+    (section,) = sections(cache)
+    expected = {os.lstat(os.path.join(dirpath, name)).st_ino
+                for dirpath, _, names in os.walk(src) for name in names
+                if os.path.getsize(os.path.join(dirpath, name)) > 64
+                and not os.path.islink(os.path.join(dirpath, name))}
+    assert sorted(section.words[0::8]) == sorted(expected)
+    saved = os.lstat(cache)
+    build(src, cache)
+    assert os.lstat(cache).st_ino == saved.st_ino   # all hits, nothing new: not rewritten

@@ -20,6 +20,9 @@ as mkcomposefs 1.0.8 given the same directory and options:
   a larger one gets its fs-verity digest, and payload = its object path ``ab/cdef…``. Those reads
   and hashes run on ``threads`` worker processes (``mkcfs.store.digests``) while the walk goes on;
   with ``digest_store`` each such file is also put into that object store (``mkcfs.store.objects``).
+  A rebuild that expects to find most files in the digest cache (``mkcfs.store.cache``) has
+  little to read, so those workers walk parts of the tree instead and send them back packed
+  (``_Walker.walk_shared``; not with a digest store or ``hardlinks``): the same tree.
   A store inside the source tree is filled only after the walk, and the store directory is
   created only when the first object is stored, as mkcomposefs 1.0.8 does: the image lists the
   store (and its objects) exactly when it existed before the build.
@@ -39,14 +42,15 @@ a digest store that cannot be used. Nothing is left half-written in the store.
 from __future__ import annotations
 
 import errno
+import marshal
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from fsverity import object_path
 
-from mkcfs.store.digests import DigestPool
+from mkcfs.store.digests import DigestPool, run_batch_in_worker
 from mkcfs.store.reading import INLINE_MAX
 from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
@@ -66,6 +70,13 @@ _S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK, _S_IFCHR, _S_IFBLK = (S_IFMT, S_IFDIR, S_
                                                            S_IFCHR, S_IFBLK)
 _NO_XATTR_SUPPORT = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP))
 _NS = 1_000_000_000
+#: a shared walk (``_Walker.walk_shared``) hands out at least this many directories, found
+#: breadth first in at most this many levels, in at most this many jobs
+_SHARED_MIN_DIRS = 16
+_SHARED_MAX_LEVELS = 3
+_SHARED_MAX_JOBS = 96
+#: files a worker of a shared walk reads in one ``run_batch``
+_WORKER_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +177,21 @@ class _Walker:
 
     # -- the tree ---------------------------------------------------------------------------
 
-    def run(self, src: bytes, st: os.stat_result) -> Node:
+    def run(self, src: bytes, st: os.stat_result, shared: bool = False) -> Node:
+        """The tree below ``src`` (``st``: its ``lstat``); ``shared``: parts of it are walked
+        by the pool's worker processes (see ``walk_shared``)."""
         root = self.node(src, st)
         stack: list[tuple[bytes, Node]] = [(src, root)]
+        if shared:
+            self.walk_shared(stack)
+        else:
+            self.walk(stack)
+        if self.options.hardlinks:
+            self.resolve_links()
+        return root
+
+    def walk(self, stack: list[tuple[bytes, Node]]) -> None:
+        """Walk the directories on ``stack`` and everything below them."""
         pool = self.pool
         progress = self.progress
         while stack:
@@ -178,9 +201,63 @@ class _Walker:
                 progress.entries += count
             if pool.failed:
                 break
-        if self.options.hardlinks:
-            self.resolve_links()
-        return root
+
+    def walk_shared(self, stack: list[tuple[bytes, Node]]) -> None:
+        """Walk with the pool's workers: a rebuild whose files are mostly in the digest cache
+        reads almost nothing, so its walk (``lstat``, ``listxattr``, cache lookups: ~7 µs per
+        entry) is the work, and the workers have none. This process walks the top levels
+        breadth first until ``_SHARED_MIN_DIRS`` directories are found, hands them out in
+        jobs (``_walk_in_worker``: a worker walks them, reads their new and small files and
+        returns the subtrees packed), walks jobs itself from the back of the queue while the
+        workers take them from the front, and grafts what the workers return (~1 µs per
+        entry). Same tree, same cache records as ``walk``."""
+        frontier = stack
+        for _ in range(_SHARED_MAX_LEVELS):
+            if not frontier or len(frontier) >= _SHARED_MIN_DIRS:
+                break
+            below: list[tuple[bytes, Node]] = []
+            for path, node in frontier:
+                self.count(self.scan(path, node, below))
+            frontier = below
+        if len(frontier) < 2:
+            self.walk(frontier)
+            return
+        per_job = -(-len(frontier) // _SHARED_MAX_JOBS)
+        jobs = [frontier[i:i + per_job] for i in range(0, len(frontier), per_job)]
+        futures = [self.pool.call(_walk_in_worker, [path for path, _ in job]) for job in jobs]
+        front, back = 0, len(jobs) - 1
+        while front <= back:
+            if not futures[front].done() and futures[back].cancel():
+                self.walk(list(jobs[back]))   # not taken by a worker yet: walk it here
+                back -= 1
+                continue
+            self.graft(jobs[front], futures[front].result())
+            front += 1
+
+    def graft(self, job: list[tuple[bytes, Node]], packed: bytes) -> None:
+        """Put the subtrees a worker walked (``_walk_in_worker``) below the job's nodes."""
+        count, subtrees, updates = marshal.loads(packed)
+        self.count(count)
+        if updates is not None:
+            assert self.cache is not None
+            self.cache.apply_updates(updates)
+        no_xattrs = self.no_xattrs
+        Node_ = Node
+        pending: list[tuple[Any, list]] = [
+            (node.children, entries) for (_, node), entries in zip(job, subtrees)]
+        while pending:
+            children, entries = pending.pop()
+            for (name, mode, uid, gid, rdev, size, sec, nsec, payload, content, digest, xattrs,
+                 below) in entries:
+                node = Node_(mode, 1, uid, gid, rdev, size, sec, nsec, payload, content, digest,
+                             xattrs or no_xattrs)
+                children[name] = node
+                if below is not None:
+                    pending.append((node.children, below))
+
+    def count(self, entries: int) -> None:
+        if self.progress is not None:
+            self.progress.entries += entries
 
     def scan(self, dpath: bytes, dnode: Node, stack: list[tuple[bytes, Node]]) -> int:
         """Add the entries of directory ``dpath`` to ``dnode``; push subdirectories."""
@@ -286,6 +363,87 @@ class _Walker:
         self.links.clear()
 
 
+class _WorkerFiles:
+    """What a worker's walk (``_walk_in_worker``) has in place of the ``DigestPool``: the files
+    to read, read in the worker itself once its subtrees are walked."""
+
+    failed = False
+
+    def __init__(self) -> None:
+        self.files: list[tuple[bytes, int]] = []
+        self.nodes: list[Node] = []
+        self.aliases: list[tuple[Node, Node]] = []
+
+    def add(self, path: bytes, node: Node) -> None:
+        self.files.append((path, node.size))
+        self.nodes.append(node)
+
+    def alias(self, node: Node, primary: Node) -> None:
+        self.aliases.append((node, primary))
+
+    def finish(self) -> None:
+        for start in range(0, len(self.files), _WORKER_BATCH):
+            for node, result in zip(self.nodes[start:start + _WORKER_BATCH], run_batch_in_worker(
+                    self.files[start:start + _WORKER_BATCH])):
+                if isinstance(result, tuple):
+                    node.digest, node.payload = result
+                else:
+                    node.content = result
+        for node, primary in self.aliases:
+            node.content, node.digest, node.payload = primary.content, primary.digest, primary.payload
+
+
+#: what a worker walking part of the tree shares with the build: its options and digest cache
+#: (set in the building process before the pool forks its workers, which keep their copy)
+_forked: tuple[WalkOptions, DigestCache | None] | None = None
+
+
+def _walk_in_worker(paths: list[bytes]) -> bytes:
+    """In a worker process: walk the directories ``paths`` as ``_Walker.walk`` does, read
+    their new and small files, and return everything packed (``marshal``) for
+    ``_Walker.graft``: the entry count; per directory its entries as tuples (name, mode, uid,
+    gid, rdev, size, mtime sec, nsec, payload, content, digest, xattrs or None, the entries
+    below it or None); the digest cache's updates."""
+    assert _forked is not None
+    options, cache = _forked
+    files = _WorkerFiles()
+    walker = _Walker(options, files, None, cache)   # type: ignore[arg-type]
+    count = 0
+    tops = []
+    for path in paths:
+        top = Node(_S_IFDIR)
+        stack = [(path, top)]
+        while stack:
+            dpath, dnode = stack.pop()
+            count += walker.scan(dpath, dnode, stack)
+        tops.append(top)
+    files.finish()
+    updates = None
+    if cache is not None:
+        cache.collect()
+        updates = cache.take_updates()
+    return marshal.dumps((count, [_pack(top) for top in tops], updates))
+
+
+def _pack(top: Node) -> list:
+    """The entries below ``top`` as ``_walk_in_worker`` returns them."""
+    out: list = []
+    pending = [(top, out)]
+    while pending:
+        node, into = pending.pop()
+        add = into.append
+        for name, child in node.children.items():  # type: ignore[union-attr]
+            assert isinstance(child, Node)
+            below: list | None = None
+            if child.children is not None:
+                below = []
+                pending.append((child, below))
+            add((name, child.mode, child.uid, child.gid, child.rdev, child.size, child.mtime_sec,
+                 child.mtime_nsec, child.payload, child.content, child.digest,
+                 child.xattrs or None, below))
+    return out
+
+
 def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     """Read the directory tree at ``path`` into a ``Node`` tree (see the module docstring)."""
     if options is None:
@@ -314,11 +472,21 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
         from mkcfs.store.cache import DigestCache
         cache = DigestCache(os.fsencode(options.digest_cache), src, st)
 
-    # the pool forks its workers: before the progress thread exists, and while we are small
-    pool = DigestPool(threads, store)
+    # the pool forks its workers: before the progress thread exists, and while we are small;
+    # they get their copy of the options and cache in case they walk part of the tree
+    global _forked
+    _forked = (options, cache)
+    try:
+        pool = DigestPool(threads, store)
+    finally:
+        _forked = None
+    # workers walk with this process where the walk is the work: a rebuild that expects to
+    # find its files in the cache (with a store, the files go through this process's pool)
+    shared = (pool.processes and cache is not None and cache.expects_hits and store is None
+              and store_after_walk is None and not options.hardlinks)
     progress = pool.progress = Progress.for_stream(enabled=options.progress)
     try:
-        root = _Walker(options, pool, progress, cache, store).run(src, st)
+        root = _Walker(options, pool, progress, cache, store).run(src, st, shared)
         pool.finish()
         if cache is not None:
             cache.collect()

@@ -245,6 +245,34 @@ class DigestCache:
         self._pending_words = array("Q")
         self._pending_nodes = []
 
+    @property
+    def expects_hits(self) -> bool:
+        """Whether this build has a previous build's records to use."""
+        return bool(self._index)
+
+    def take_updates(self) -> tuple[list[tuple[int, int]], bytes, bytes]:
+        """What this copy learnt since the last call, for ``apply_updates`` in another copy
+        (a forked worker walking part of the tree): the runs ``(start, end)`` of old records
+        hit, and the new records' words and digests (after ``collect``). Forgets them here."""
+        marks = self._hit_marks
+        runs = [run.span() for run in _MARKED_RUN.finditer(marks)]
+        for start, end in runs:
+            marks[start:end] = bytes(end - start)
+        words, digests = self._words.tobytes(), bytes(self._digests)
+        self._words = array("Q")
+        self._digests = bytearray()
+        return runs, words, digests
+
+    def apply_updates(self, updates: tuple[list[tuple[int, int]], bytes, bytes]) -> None:
+        """Take in what ``take_updates`` gave in another copy of this cache."""
+        runs, words, digests = updates
+        marks = self._hit_marks
+        for start, end in runs:
+            self.hits += marks.count(0, start, end)
+            marks[start:end] = b"\x01" * (end - start)
+        self._words.frombytes(words)
+        self._digests += digests
+
     def _body(self) -> tuple[bytes, int]:
         """This build's section: the old records a lookup hit (copied as they are) merged with
         the new ones, sorted by inode, one record per inode; and its record count."""

@@ -23,7 +23,7 @@ from concurrent.futures import (BrokenExecutor, Executor, Future, ProcessPoolExe
                                 ThreadPoolExecutor)
 from functools import partial
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from fsverity import object_path
 
@@ -36,13 +36,16 @@ from mkcfs.tree import Node
 if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.progress import Progress
 
-__all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch", "processes_usable"]
+__all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch", "run_batch_in_worker",
+           "processes_usable"]
 
 #: a batch handed to one worker holds at most this many files or bytes.
 _BATCH_FILES = 256
 _BATCH_BYTES = 8 << 20
 
 _local = threading.local()
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class _Event(CancelFlag, Protocol):
@@ -95,6 +98,12 @@ def _init_worker(parent: int, store_path: bytes | None, cancel: CancelFlag) -> N
 def _run_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, bytes]]:
     assert _worker_state is not None
     return run_batch(batch, *_worker_state)
+
+
+def run_batch_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, bytes]]:
+    """``run_batch`` for code that a ``DigestPool.call`` runs in a worker process: with that
+    worker's store and cancel flag."""
+    return _run_in_worker(batch)
 
 
 def run_batch(batch: list[tuple[bytes, int]], store: ObjectStore | None,
@@ -201,6 +210,13 @@ class DigestPool:
         self._cancel = cancel
         self._executor = executor
         self._submit = partial(executor.submit, _run_in_worker)  # type: ignore[call-arg]
+
+    def call(self, function: Callable[[T], R], argument: T) -> Future[R]:
+        """Run ``function(argument)`` in a worker process (only when ``processes``): a
+        module-level function, which finds the state it shares with this process in what the
+        fork copied (``run_batch_in_worker`` reads files there)."""
+        assert self.processes and self._executor is not None
+        return self._executor.submit(function, argument)
 
     @property
     def failed(self) -> bool:
