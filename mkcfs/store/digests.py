@@ -282,6 +282,9 @@ class DigestPool:
                         node.content = result
         finally:
             self._shutdown()
+            # the results are in the nodes: free them now (the futures' callbacks refer back
+            # to this pool, a cycle that lives until the collector runs, after the build)
+            self._pending = []
         if self._error is not None:
             raise self._error
         self._prepared = self._store_to_prepare = None   # the caller closes the store
@@ -289,6 +292,7 @@ class DigestPool:
             node.content = primary.content
             node.digest = primary.digest
             node.payload = primary.payload
+        self._aliases = []
 
     def abort(self) -> None:
         """Stop: drop queued work, let running batches end at their current file."""
