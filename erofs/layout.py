@@ -41,6 +41,7 @@ from collections import Counter
 from bisect import bisect_right
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 
@@ -235,9 +236,10 @@ _name_of = itemgetter(0)
 _plus_dirent = (12).__add__
 
 
-def _field_offset(declaration: object, name: str) -> int:
+def _field_offset(declaration: Any, name: str) -> int:
+    """Byte offset of field ``name`` in a flat construct declaration."""
     offset = 0
-    for field in declaration.subcons:  # type: ignore[attr-defined]
+    for field in declaration.subcons:
         if field.name == name:
             return offset
         offset += field.sizeof()
@@ -248,12 +250,9 @@ def _field_offset(declaration: object, name: str) -> int:
 I_U_COMPACT = _field_offset(ErofsInodeCompact, "i_u")
 I_U_EXTENDED = _field_offset(ErofsInodeExtended, "i_u")
 #: dirent file type by ``mode >> 12``
-_FILE_TYPES = [EROFS_FT_UNKNOWN] * 16
-for _mode, _ft in ((S_IFREG, EROFS_FT_REG_FILE), (S_IFDIR, EROFS_FT_DIR),
-                   (S_IFCHR, EROFS_FT_CHRDEV), (S_IFBLK, EROFS_FT_BLKDEV),
-                   (S_IFIFO, EROFS_FT_FIFO), (S_IFSOCK, EROFS_FT_SOCK),
-                   (S_IFLNK, EROFS_FT_SYMLINK)):
-    _FILE_TYPES[_mode >> 12] = _ft
+_FILE_TYPES = [{S_IFREG: EROFS_FT_REG_FILE, S_IFDIR: EROFS_FT_DIR, S_IFCHR: EROFS_FT_CHRDEV,
+                S_IFBLK: EROFS_FT_BLKDEV, S_IFIFO: EROFS_FT_FIFO, S_IFSOCK: EROFS_FT_SOCK,
+                S_IFLNK: EROFS_FT_SYMLINK}.get(t << 12, EROFS_FT_UNKNOWN) for t in range(16)]
 _FF = b"\xff" * (4 * LCFS_MAX_NONINLINE_CHUNKS)
 _ZEROS = bytes(1 << 20)
 
