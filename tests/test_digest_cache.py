@@ -8,6 +8,7 @@ test fails if the check it covers were missing.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import struct
@@ -414,3 +415,31 @@ def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeyp
     saved = os.lstat(cache)
     build(src, cache)
     assert os.lstat(cache).st_ino == saved.st_ino   # all hits, nothing new: not rewritten
+
+
+def test_error_in_a_directory_a_worker_walks_names_the_path(tmp_path, monkeypatch):
+    """An entry that cannot be read in a part of the tree a worker walks fails the build with
+    the one-line error of the walk done here."""
+    from mkcfs.errors import WalkError
+
+    src = tmp_path / "src"
+    for d in range(20):
+        (src / f"d{d:02}").mkdir(parents=True)
+        (src / f"d{d:02}" / "file").write_bytes(b"x" * 100)
+        os.symlink("target", src / f"d{d:02}" / "link")
+    cache = tmp_path / "cache"
+    build(src, cache)
+    bad = os.fsencode(src / "d13" / "link")
+    readlink = os.readlink
+
+    def failing_readlink(path, *args, **kwargs):
+        if os.fsencode(path) == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return readlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "readlink", failing_readlink)   # before the workers are forked
+    call = DigestPool.call
+    monkeypatch.setattr(DigestPool, "call", lambda *args: _Kept(call(*args)))
+    with pytest.raises(WalkError) as info:
+        build(src, cache)
+    assert str(info.value) == f"error accessing {src}/d13/link: {os.strerror(errno.EIO)}"

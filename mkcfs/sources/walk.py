@@ -50,12 +50,12 @@ from typing import TYPE_CHECKING, Any, Union
 
 from fsverity import object_path
 
-from mkcfs.store.digests import DigestPool, run_batch_in_worker
+from mkcfs.store.digests import DigestPool, cancelled_in_worker, run_batch_in_worker
 from mkcfs.store.reading import INLINE_MAX
 from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
 from mkcfs.progress import Progress
-from mkcfs.store.reading import file_changed
+from mkcfs.store.reading import Cancelled, file_changed
 from mkcfs.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, HardLink, Node, iter_tree
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -414,6 +414,8 @@ def _walk_in_worker(paths: list[bytes]) -> bytes:
         top = Node(_S_IFDIR)
         stack = [(path, top)]
         while stack:
+            if cancelled_in_worker():
+                raise Cancelled("cancelled")
             dpath, dnode = stack.pop()
             count += walker.scan(dpath, dnode, stack)
         tops.append(top)

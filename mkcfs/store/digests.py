@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.progress import Progress
 
 __all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch", "run_batch_in_worker",
+           "cancelled_in_worker",
            "processes_usable"]
 
 #: a batch handed to one worker holds at most this many files or bytes.
@@ -98,6 +99,11 @@ def _init_worker(parent: int, store_path: bytes | None, cancel: CancelFlag) -> N
 def _run_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, bytes]]:
     assert _worker_state is not None
     return run_batch(batch, *_worker_state)
+
+
+def cancelled_in_worker() -> bool:
+    """In a worker process: whether the build was stopped (``DigestPool.abort``)."""
+    return _worker_state is not None and _worker_state[1].is_set()
 
 
 def run_batch_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, bytes]]:
