@@ -23,7 +23,6 @@ import pytest
 from mkcfs.build.image import build_image
 from mkcfs.store import cache as cache_mod
 from mkcfs.store.cache import DigestCache, default_cache_path
-from mkcfs.store.digests import DigestPool
 from mkcfs.sources.walk import WalkOptions, walk_directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -354,23 +353,8 @@ def test_partly_changed_tree_keeps_hit_records_and_replaces_changed_ones(tmp_pat
     assert opened == []
 
 
-class _Kept:
-    """A future that cannot be taken back (``cancel``)."""
-
-    def __init__(self, future) -> None:
-        self.future = future
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def result(self):
-        return self.future.result()
-
-    def cancel(self) -> bool:
-        return False
-
-
-def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeypatch):
+@pytest.mark.parametrize("job_entries", [3000, 1])
+def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeypatch, job_entries):
     """A rebuild that expects cache hits has the pool's worker processes walk parts of the
     tree (``walk._Walker.walk_shared``): the image is the uncached one, the cache keeps a
     record of every file (hits found in the workers included), and the next build finds
@@ -400,12 +384,10 @@ def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeyp
     graft = walk._Walker.graft
     monkeypatch.setattr(walk._Walker, "graft",
                         lambda self, job, packed: grafted.extend(job) or graft(self, job, packed))
-    # this process takes back no job (else it may walk all of these small ones before a
-    # worker starts)
-    call = DigestPool.call
-    monkeypatch.setattr(DigestPool, "call", lambda *args: _Kept(call(*args)))
+    # one entry per job: each job walks the directories it is given and leaves those below
+    monkeypatch.setattr(walk, "_JOB_ENTRIES", job_entries)
     assert build(src, cache) == build(src)
-    assert len(grafted) == 24
+    assert len(grafted) == (24 if job_entries > 100 else 48)
     (section,) = sections(cache)
     expected = {os.lstat(os.path.join(dirpath, name)).st_ino
                 for dirpath, _, names in os.walk(src) for name in names
@@ -438,8 +420,6 @@ def test_error_in_a_directory_a_worker_walks_names_the_path(tmp_path, monkeypatc
         return readlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "readlink", failing_readlink)   # before the workers are forked
-    call = DigestPool.call
-    monkeypatch.setattr(DigestPool, "call", lambda *args: _Kept(call(*args)))
     with pytest.raises(WalkError) as info:
         build(src, cache)
     assert str(info.value) == f"error accessing {src}/d13/link: {os.strerror(errno.EIO)}"

@@ -45,6 +45,7 @@ import errno
 import marshal
 import os
 import stat
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
@@ -71,10 +72,14 @@ _S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK, _S_IFCHR, _S_IFBLK = (S_IFMT, S_IFDIR, S_
 _NO_XATTR_SUPPORT = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP))
 _NS = 1_000_000_000
 #: a shared walk (``_Walker.walk_shared``) hands out at least this many directories, found
-#: breadth first in at most this many levels, in at most this many jobs
+#: breadth first in at most this many levels; a job gets at most ``_JOB_MAX_DIRS`` of them
+#: (directories handed out at once go to at least ``_JOBS_PER_HAND_OUT`` jobs) and walks
+#: about ``_JOB_ENTRIES`` entries (~20 ms) before it leaves the rest for other jobs
 _SHARED_MIN_DIRS = 16
 _SHARED_MAX_LEVELS = 3
-_SHARED_MAX_JOBS = 96
+_JOB_MAX_DIRS = 64
+_JOBS_PER_HAND_OUT = 8
+_JOB_ENTRIES = 3000
 #: files a worker of a shared walk reads in one ``run_batch``
 _WORKER_BATCH = 256
 
@@ -206,11 +211,12 @@ class _Walker:
         """Walk with the pool's workers: a rebuild whose files are mostly in the digest cache
         reads almost nothing, so its walk (``lstat``, ``listxattr``, cache lookups: ~7 µs per
         entry) is the work, and the workers have none. This process walks the top levels
-        breadth first until ``_SHARED_MIN_DIRS`` directories are found, hands them out in
-        jobs (``_walk_in_worker``: a worker walks them, reads their new and small files and
-        returns the subtrees packed), walks jobs itself from the back of the queue while the
-        workers take them from the front, and grafts what the workers return (~1 µs per
-        entry). Same tree, same cache records as ``walk``."""
+        breadth first until ``_SHARED_MIN_DIRS`` directories are found and hands them out in
+        jobs (``_walk_in_worker``: a worker walks about ``_JOB_ENTRIES`` entries below them,
+        reads their new and small files, and returns the subtrees packed with the
+        directories it left for later); it grafts what comes back (~1 µs per entry) and hands
+        out the directories left, so a big subtree is shared too. Same tree, same cache
+        records as ``walk``."""
         frontier = stack
         for _ in range(_SHARED_MAX_LEVELS):
             if not frontier or len(frontier) >= _SHARED_MIN_DIRS:
@@ -219,23 +225,26 @@ class _Walker:
             for path, node in frontier:
                 self.count(self.scan(path, node, below))
             frontier = below
-        if len(frontier) < 2:
-            self.walk(frontier)
-            return
-        per_job = -(-len(frontier) // _SHARED_MAX_JOBS)
-        jobs = [frontier[i:i + per_job] for i in range(0, len(frontier), per_job)]
-        futures = [self.pool.call(_walk_in_worker, [path for path, _ in job]) for job in jobs]
-        front, back = 0, len(jobs) - 1
-        while front <= back:
-            if not futures[front].done() and futures[back].cancel():
-                self.walk(list(jobs[back]))   # not taken by a worker yet: walk it here
-                back -= 1
-                continue
-            self.graft(jobs[front], futures[front].result())
-            front += 1
+        running: dict[Future, list[tuple[bytes, Node]]] = {}
+        call = self.pool.call
 
-    def graft(self, job: list[tuple[bytes, Node]], packed: bytes) -> None:
-        """Put the subtrees a worker walked (``_walk_in_worker``) below the job's nodes."""
+        def hand_out(directories: list[tuple[bytes, Node]]) -> None:
+            per_job = min(_JOB_MAX_DIRS, max(1, len(directories) // _JOBS_PER_HAND_OUT))
+            for i in range(0, len(directories), per_job):
+                job = directories[i:i + per_job]
+                running[call(_walk_in_worker, [path for path, _ in job])] = job
+
+        hand_out(frontier)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                left = self.graft(running.pop(future), future.result())
+                if left:
+                    hand_out(left)
+
+    def graft(self, job: list[tuple[bytes, Node]], packed: bytes) -> list[tuple[bytes, Node]]:
+        """Put the subtrees a worker walked (``_walk_in_worker``) below the job's nodes; the
+        directories it left for later, with their nodes."""
         count, subtrees, updates = marshal.loads(packed)
         self.count(count)
         if updates is not None:
@@ -243,6 +252,7 @@ class _Walker:
             self.cache.apply_updates(updates)
         no_xattrs = self.no_xattrs
         Node_ = Node
+        left: list[tuple[bytes, Node]] = []
         pending: list[tuple[Any, list]] = [
             (node.children, entries) for (_, node), entries in zip(job, subtrees)]
         while pending:
@@ -253,7 +263,11 @@ class _Walker:
                              xattrs or no_xattrs)
                 children[name] = node
                 if below is not None:
-                    pending.append((node.children, below))
+                    if below.__class__ is list:
+                        pending.append((node.children, below))
+                    else:   # its path: a directory the worker left for later
+                        left.append((below, node))
+        return left
 
     def count(self, entries: int) -> None:
         if self.progress is not None:
@@ -403,32 +417,35 @@ def _walk_in_worker(paths: list[bytes]) -> bytes:
     their new and small files, and return everything packed (``marshal``) for
     ``_Walker.graft``: the entry count; per directory its entries as tuples (name, mode, uid,
     gid, rdev, size, mtime sec, nsec, payload, content, digest, xattrs or None, the entries
-    below it or None); the digest cache's updates."""
+    below it (a list), or its path when it was left for another job, or None); the digest
+    cache's updates. It stops taking directories from its stack after ``_JOB_ENTRIES``
+    entries (the directories it was given are always read)."""
     assert _forked is not None
     options, cache = _forked
     files = _WorkerFiles()
     walker = _Walker(options, files, None, cache)   # type: ignore[arg-type]
+    tops = [Node(_S_IFDIR) for _ in paths]
+    stack: list[tuple[bytes, Node]] = []
     count = 0
-    tops = []
-    for path in paths:
-        top = Node(_S_IFDIR)
-        stack = [(path, top)]
-        while stack:
-            if cancelled_in_worker():
-                raise Cancelled("cancelled")
-            dpath, dnode = stack.pop()
-            count += walker.scan(dpath, dnode, stack)
-        tops.append(top)
+    for path, top in zip(paths, tops):
+        count += walker.scan(path, top, stack)
+    while stack and count < _JOB_ENTRIES:
+        if cancelled_in_worker():
+            raise Cancelled("cancelled")
+        dpath, dnode = stack.pop()
+        count += walker.scan(dpath, dnode, stack)
+    left = {id(node): path for path, node in stack}   # for another job
     files.finish()
     updates = None
     if cache is not None:
         cache.collect()
         updates = cache.take_updates()
-    return marshal.dumps((count, [_pack(top) for top in tops], updates))
+    return marshal.dumps((count, [_pack(top, left) for top in tops], updates))
 
 
-def _pack(top: Node) -> list:
-    """The entries below ``top`` as ``_walk_in_worker`` returns them."""
+def _pack(top: Node, left: dict[int, bytes]) -> list:
+    """The entries below ``top`` as ``_walk_in_worker`` returns them; a directory in ``left``
+    (``id`` -> path) is not walked yet: its path stands for the entries below it."""
     out: list = []
     pending = [(top, out)]
     while pending:
@@ -436,10 +453,12 @@ def _pack(top: Node) -> list:
         add = into.append
         for name, child in node.children.items():  # type: ignore[union-attr]
             assert isinstance(child, Node)
-            below: list | None = None
+            below: list | bytes | None = None
             if child.children is not None:
-                below = []
-                pending.append((child, below))
+                below = left.get(id(child))
+                if below is None:
+                    below = []
+                    pending.append((child, below))
             add((name, child.mode, child.uid, child.gid, child.rdev, child.size, child.mtime_sec,
                  child.mtime_nsec, child.payload, child.content, child.digest,
                  child.xattrs or None, below))
