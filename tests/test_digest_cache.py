@@ -20,6 +20,9 @@ from types import SimpleNamespace
 
 import pytest
 
+import fsverity
+from fsverity import object_path
+
 from mkcfs.build.image import build_image
 from mkcfs.store import cache as cache_mod
 from mkcfs.store.cache import DigestCache, default_cache_path
@@ -423,3 +426,30 @@ def test_error_in_a_directory_a_worker_walks_names_the_path(tmp_path, monkeypatc
     with pytest.raises(WalkError) as info:
         build(src, cache)
     assert str(info.value) == f"error accessing {src}/d13/link: {os.strerror(errno.EIO)}"
+
+
+def test_rebuild_walked_with_the_workers_into_a_store(tmp_path, monkeypatch):
+    """With a digest store, the workers that walk parts of the tree store the new files they
+    find and check that each cached digest's object is still in the store."""
+    from mkcfs.sources import walk
+
+    src = tmp_path / "src"
+    for d in range(20):
+        (src / f"d{d:02}").mkdir(parents=True)
+        (src / f"d{d:02}" / "file").write_bytes(bytes([d]) * 1000)
+        (src / f"d{d:02}" / "small").write_bytes(bytes([d]) * 10)
+    store = tmp_path / "store"
+    cache = tmp_path / "cache"
+    build(src, cache, store)
+    time.sleep(0.02)
+    (src / "d05" / "file").write_bytes(b"changed" * 200)
+    victim = store / object_path(fsverity.digest_bytes(bytes([9]) * 1000))
+    os.unlink(victim)
+    grafted = []
+    graft = walk._Walker.graft
+    monkeypatch.setattr(walk._Walker, "graft",
+                        lambda self, job, packed: grafted.extend(job) or graft(self, job, packed))
+    assert build(src, cache, store) == build(src)
+    assert len(grafted) == 20
+    assert victim.exists()
+    assert (store / object_path(fsverity.digest_bytes(b"changed" * 200))).exists()

@@ -22,7 +22,7 @@ as mkcomposefs 1.0.8 given the same directory and options:
   with ``digest_store`` each such file is also put into that object store (``mkcfs.store.objects``).
   A rebuild that expects to find most files in the digest cache (``mkcfs.store.cache``) has
   little to read, so those workers walk parts of the tree instead and send them back packed
-  (``_Walker.walk_shared``; not with a digest store or ``hardlinks``): the same tree.
+  (``_Walker.walk_shared``; not with ``hardlinks``): the same tree.
   A store inside the source tree is filled only after the walk, and the store directory is
   created only when the first object is stored, as mkcomposefs 1.0.8 does: the image lists the
   store (and its objects) exactly when it existed before the build.
@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 from fsverity import object_path
 
-from mkcfs.store.digests import DigestPool, cancelled_in_worker, run_batch_in_worker
+from mkcfs.store.digests import (DigestPool, cancelled_in_worker, run_batch_in_worker,
+                                 store_in_worker)
 from mkcfs.store.reading import INLINE_MAX
 from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
@@ -423,7 +424,7 @@ def _walk_in_worker(paths: list[bytes]) -> bytes:
     assert _forked is not None
     options, cache = _forked
     files = _WorkerFiles()
-    walker = _Walker(options, files, None, cache)   # type: ignore[arg-type]
+    walker = _Walker(options, files, None, cache, store_in_worker())   # type: ignore[arg-type]
     tops = [Node(_S_IFDIR) for _ in paths]
     stack: list[tuple[bytes, Node]] = []
     count = 0
@@ -502,11 +503,15 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     finally:
         _forked = None
     # workers walk with this process where the walk is the work: a rebuild that expects to
-    # find its files in the cache (with a store, the files go through this process's pool)
-    shared = (pool.processes and cache is not None and cache.expects_hits and store is None
+    # find its files in the cache (and in the store, which then exists already: it is not
+    # created earlier than a walk done here alone would create it)
+    shared = (pool.processes and cache is not None and cache.expects_hits
+              and (store is None or os.path.isdir(store.root))
               and store_after_walk is None and not options.hardlinks)
     progress = pool.progress = Progress.for_stream(enabled=options.progress)
     try:
+        if shared:
+            pool.prepare_store()   # the workers store the new files they find
         root = _Walker(options, pool, progress, cache, store).run(src, st, shared)
         pool.finish()
         if cache is not None:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.progress import Progress
 
 __all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch", "run_batch_in_worker",
-           "cancelled_in_worker",
+           "cancelled_in_worker", "store_in_worker",
            "processes_usable"]
 
 #: a batch handed to one worker holds at most this many files or bytes.
@@ -104,6 +104,11 @@ def _run_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, 
 def cancelled_in_worker() -> bool:
     """In a worker process: whether the build was stopped (``DigestPool.abort``)."""
     return _worker_state is not None and _worker_state[1].is_set()
+
+
+def store_in_worker() -> ObjectStore | None:
+    """In a worker process: its view of the store being filled, if any."""
+    return None if _worker_state is None else _worker_state[0]
 
 
 def run_batch_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, bytes]]:
@@ -224,6 +229,13 @@ class DigestPool:
         assert self.processes and self._executor is not None
         return self._executor.submit(function, argument)
 
+    def prepare_store(self) -> None:
+        """Create (and lock) the store directory now, if not done yet: before work given to
+        ``call`` may store objects."""
+        if self._store_to_prepare is not None:
+            self._store_to_prepare.prepare_root()
+            self._prepared, self._store_to_prepare = self._store_to_prepare, None
+
     @property
     def failed(self) -> bool:
         return self._error is not None
@@ -243,8 +255,7 @@ class DigestPool:
 
     def _flush(self) -> None:
         if self._store_to_prepare is not None and any(size > INLINE_MAX for _, size in self._batch):
-            self._store_to_prepare.prepare_root()
-            self._prepared, self._store_to_prepare = self._store_to_prepare, None
+            self.prepare_store()
         if self._batch:
             future = self._submit(self._batch)
             future.add_done_callback(partial(self._done, len(self._batch), self._batch_bytes))
