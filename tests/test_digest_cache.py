@@ -453,3 +453,18 @@ def test_rebuild_walked_with_the_workers_into_a_store(tmp_path, monkeypatch):
     assert len(grafted) == 20
     assert victim.exists()
     assert (store / object_path(fsverity.digest_bytes(b"changed" * 200))).exists()
+
+
+def test_worker_that_dies_while_it_walks_fails_the_build_in_one_line(tmp_path, monkeypatch):
+    from mkcfs.errors import WalkError
+    from mkcfs.sources import walk
+
+    src = tmp_path / "src"
+    for d in range(20):
+        (src / f"d{d:02}").mkdir(parents=True)
+        (src / f"d{d:02}" / "file").write_bytes(b"x" * 100)
+    cache = tmp_path / "cache"
+    build(src, cache)
+    monkeypatch.setattr(walk, "_pack", lambda *args: os._exit(3))   # only workers pack
+    with pytest.raises(WalkError, match=r"^error walking .*/src/d\d\d: a worker process died"):
+        build(src, cache)

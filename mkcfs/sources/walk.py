@@ -45,7 +45,7 @@ import errno
 import marshal
 import os
 import stat
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
@@ -239,7 +239,12 @@ class _Walker:
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                left = self.graft(running.pop(future), future.result())
+                try:
+                    packed = future.result()
+                except BrokenExecutor as exc:
+                    raise WalkError(f"error walking {os.fsdecode(running[future][0][0])}: "
+                                    f"a worker process died ({exc})") from None
+                left = self.graft(running.pop(future), packed)
                 if left:
                     hand_out(left)
 
