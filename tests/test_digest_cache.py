@@ -46,8 +46,8 @@ def make_tree(root, files: int = 20) -> None:
     (root / "small").write_bytes(b"inline content")
 
 
-def build(src, cache=None, store=None) -> bytes:
-    options = WalkOptions(digest_cache=cache, digest_store=store, threads=1)
+def build(src, cache=None, store=None, threads=1) -> bytes:
+    options = WalkOptions(digest_cache=cache, digest_store=store, threads=threads)
     return bytes(build_image(walk_directory(src, options)).data)
 
 
@@ -389,7 +389,7 @@ def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeyp
                         lambda self, job, packed: grafted.extend(job) or graft(self, job, packed))
     # one entry per job: each job walks the directories it is given and leaves those below
     monkeypatch.setattr(walk, "_JOB_ENTRIES", job_entries)
-    assert build(src, cache) == build(src)
+    assert build(src, cache, threads=2) == build(src)
     assert len(grafted) == (24 if job_entries > 100 else 48)
     (section,) = sections(cache)
     expected = {os.lstat(os.path.join(dirpath, name)).st_ino
@@ -398,7 +398,7 @@ def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeyp
                 and not os.path.islink(os.path.join(dirpath, name))}
     assert sorted(section.words[0::8]) == sorted(expected)
     saved = os.lstat(cache)
-    build(src, cache)
+    build(src, cache, threads=2)
     assert os.lstat(cache).st_ino == saved.st_ino   # all hits, nothing new: not rewritten
 
 
@@ -424,7 +424,7 @@ def test_error_in_a_directory_a_worker_walks_names_the_path(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "readlink", failing_readlink)   # before the workers are forked
     with pytest.raises(WalkError) as info:
-        build(src, cache)
+        build(src, cache, threads=2)
     assert str(info.value) == f"error accessing {src}/d13/link: {os.strerror(errno.EIO)}"
 
 
@@ -449,7 +449,7 @@ def test_rebuild_walked_with_the_workers_into_a_store(tmp_path, monkeypatch):
     graft = walk._Walker.graft
     monkeypatch.setattr(walk._Walker, "graft",
                         lambda self, job, packed: grafted.extend(job) or graft(self, job, packed))
-    assert build(src, cache, store) == build(src)
+    assert build(src, cache, store, threads=2) == build(src)
     assert len(grafted) == 20
     assert victim.exists()
     assert (store / object_path(fsverity.digest_bytes(b"changed" * 200))).exists()
@@ -467,4 +467,4 @@ def test_worker_that_dies_while_it_walks_fails_the_build_in_one_line(tmp_path, m
     build(src, cache)
     monkeypatch.setattr(walk, "_pack", lambda *args: os._exit(3))   # only workers pack
     with pytest.raises(WalkError, match=r"^error walking .*/src/d\d\d: a worker process died"):
-        build(src, cache)
+        build(src, cache, threads=2)

@@ -228,25 +228,29 @@ class _Walker:
             frontier = below
         running: dict[Future, list[tuple[bytes, Node]]] = {}
         call = self.pool.call
+        where = b""   # a directory of the job being handed out or taken in, for an error
 
         def hand_out(directories: list[tuple[bytes, Node]]) -> None:
+            nonlocal where
             per_job = min(_JOB_MAX_DIRS, max(1, len(directories) // _JOBS_PER_HAND_OUT))
             for i in range(0, len(directories), per_job):
                 job = directories[i:i + per_job]
+                where = job[0][0]
                 running[call(_walk_in_worker, [path for path, _ in job])] = job
 
-        hand_out(frontier)
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                try:
-                    packed = future.result()
-                except BrokenExecutor as exc:
-                    raise WalkError(f"error walking {os.fsdecode(running[future][0][0])}: "
-                                    f"a worker process died ({exc})") from None
-                left = self.graft(running.pop(future), packed)
-                if left:
-                    hand_out(left)
+        try:
+            hand_out(frontier)
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    where = job[0][0]
+                    left = self.graft(job, future.result())
+                    if left:
+                        hand_out(left)
+        except BrokenExecutor as exc:   # a worker was killed (by the OOM killer, say)
+            raise WalkError(f"error walking {os.fsdecode(where)}: a worker process died "
+                            f"({exc})") from None
 
     def graft(self, job: list[tuple[bytes, Node]], packed: bytes) -> list[tuple[bytes, Node]]:
         """Put the subtrees a worker walked (``_walk_in_worker``) below the job's nodes; the
@@ -510,7 +514,8 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     # workers walk with this process where the walk is the work: a rebuild that expects to
     # find its files in the cache (and in the store, which then exists already: it is not
     # created earlier than a walk done here alone would create it)
-    shared = (pool.processes and cache is not None and cache.expects_hits
+    # (with one worker, that worker would walk alone while this process waits: slower)
+    shared = (pool.processes and threads > 1 and cache is not None and cache.expects_hits
               and (store is None or os.path.isdir(store.root))
               and store_after_walk is None and not options.hardlinks)
     progress = pool.progress = Progress.for_stream(enabled=options.progress)

@@ -257,7 +257,11 @@ class DigestPool:
         if self._store_to_prepare is not None and any(size > INLINE_MAX for _, size in self._batch):
             self.prepare_store()
         if self._batch:
-            future = self._submit(self._batch)
+            try:
+                future = self._submit(self._batch)
+            except BrokenExecutor as exc:   # a worker died since the last batch
+                self._fail(exc)
+                raise self._error from None  # type: ignore[misc]
             future.add_done_callback(partial(self._done, len(self._batch), self._batch_bytes))
             self._pending.append((future, self._batch_nodes))
             self._batch = []
