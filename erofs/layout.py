@@ -36,6 +36,7 @@ decode that layout).
 from __future__ import annotations
 
 import struct
+from sys import getrefcount
 from array import array
 from collections import Counter
 from bisect import bisect_right
@@ -78,6 +79,9 @@ from .format import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG
 #: where the inode table starts: right after the superblock.
 INODES_START = EROFS_SUPER_OFFSET + SUPER_BLOCK.size
 _ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
+#: references to an xattrs list held by one record only, while the layout looks at it: the
+#: record's, the loop's and ``getrefcount``'s own
+_OWN_LIST_REFS = 3
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
@@ -331,7 +335,9 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
 
     pos = INODES_START
     block = 0                 # next data block
-    last_xattrs: list[tuple[bytes, bytes]] | None = None
+    # id(xattrs list) -> (its body, its number of shared refs), for lists held by several records
+    bodies: dict[int, tuple[bytes, int]] = {}
+    known_body = bodies.get
     body = b""
     n_refs = 0
     for index, rec in enumerate(records):
@@ -387,8 +393,10 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
         # --- xattr body ----------------------------------------------------------------------
         rec_xattrs = rec.xattrs
         if rec_xattrs:
-            if rec_xattrs is not last_xattrs:   # records often share one list: reuse its body
-                last_xattrs = rec_xattrs
+            known = known_body(id(rec_xattrs))
+            if known is not None:
+                body, n_refs = known
+            else:
                 name_filter = 0
                 refs: list[bytes] = []
                 parts: list[bytes] = [b""]
@@ -407,6 +415,10 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                 if n_refs:
                     parts[1:1] = refs
                 body = b"".join(parts)
+                # a list that other records hold too (the records keep it, and so its id,
+                # alive): its body is remembered; a record's own list is not (no memory spent)
+                if getrefcount(rec_xattrs) > _OWN_LIST_REFS:
+                    bodies[id(rec_xattrs)] = (body, n_refs)
             xsize = len(body)
         else:
             xsize = 0

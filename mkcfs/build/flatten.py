@@ -47,6 +47,9 @@ _MAX_SINGLE_CHUNK_SIZE = 1 << 43
 #: a root security.selinux longer than this makes libcomposefs refuse the root whiteouts' copy:
 #: 12 + 7 + len("security.selinux") + len(value) must stay within 32767
 _SELINUX_MAX = overlay.XATTR_BUDGET_MAX - 12 - 7 - len(overlay.SELINUX)
+#: at most this many external files' xattr lists are interned by payload (bounds the memory a
+#: tree without duplicate files spends on the lookup)
+_MAX_INTERNED = 1 << 18
 #: the xattrs of a record without any (one shared empty list: the planner only reads them)
 _NO_XATTRS: list[tuple[bytes, bytes]] = []
 #: the xattrs of a node of a consumed tree once it has its record (never an xattrs dict of a node)
@@ -197,6 +200,9 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
     # id(xattrs dict) -> (dict, its sorted escaped items): nodes that share one xattrs dict (a
     # parsed dumpfile's labels) share the list too; the entry keeps the dict, and so its id
     sorted_lists: dict[int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]] = {}
+    # payload -> the xattrs of the last external file without xattrs of its own with it
+    external_adds: dict[bytes, list[tuple[bytes, bytes]]] = {}
+    adds_of = external_adds.get
     Node_, Record = Node, InodeRecord
     S_IFMT_, S_IFDIR_, S_IFREG_, S_IFLNK_, S_IFCHR_ = S_IFMT, S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR
 
@@ -247,9 +253,18 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
                 # trusted.overlay.* keys of the source were escaped, so these are always new
                 # keys (no accounting can fail): add them directly
                 digest = node.digest
-                metacopy = (METACOPY, b"" if digest is None else metacopy_head + digest)
+                metacopy_data = b"" if digest is None else metacopy_head + digest
                 payload = node.payload
-                adds = [metacopy, (REDIRECT, b"/" + payload)] if payload else [metacopy]
+                if payload:
+                    # files with the same digest and payload share one list (and so one pair
+                    # object per xattr): the writer then compares and packs them by identity
+                    adds = adds_of(payload)
+                    if adds is None or adds[0][1] != metacopy_data:
+                        adds = [(METACOPY, metacopy_data), (REDIRECT, b"/" + payload)]
+                        if len(external_adds) < _MAX_INTERNED:
+                            external_adds[payload] = adds
+                else:
+                    adds = [(METACOPY, metacopy_data)]
                 # METACOPY < REDIRECT: without xattrs of its own the list is in order already
                 append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
                                      node.mtime_sec, node.mtime_nsec,
