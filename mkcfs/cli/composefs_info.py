@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from typing import BinaryIO, NoReturn
 from collections.abc import Callable, Sequence
@@ -198,21 +199,34 @@ def _load(path: str, toplevel: list[bytes] | None, hardlinks: str = "first"):
 def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
     """``dump`` of one image: printed straight from its inodes (``dump_records``) when the
     image allows, else from the tree ``load_tree`` builds (which also names any problem).
+    A large image is printed in two parts by two processes (:func:`_dump_in_two`).
     Like the C tool, nothing is printed unless the whole image could be read: the text waits
     in a :class:`_Spool`."""
     from erofs.errors import ImageFormatError
     from erofs.reader import Image
 
-    from mkcfs.inspect.unflatten import NeedsTree, dump_records
+    from mkcfs.forksafe import processes_usable
+    from mkcfs.inspect.unflatten import NeedsTree, dump_records, dump_split
     from mkcfs.sources.dumpfile import dump_blocks, tree_records
 
     data = _read_image(path)
     spool = _Spool()
+    second: BinaryIO | None = None
     try:
-        for block in dump_blocks(dump_records(Image(data), toplevel)):
-            spool.write(block)
+        image = Image(data)
+        two_cores = processes_usable() and len(os.sched_getaffinity(0)) > 1
+        split = dump_split(image, toplevel) if two_cores else None
+        if split is not None:
+            second = _dump_in_two(image, toplevel, split, spool)
+        if second is None:
+            spool.close()
+            spool = _Spool()
+            for block in dump_blocks(dump_records(image, toplevel)):
+                spool.write(block)
     except (NeedsTree, ImageFormatError):
         spool.close()
+        if second is not None:
+            second.close()
         root = common.load_image_tree(path, data, toplevel=toplevel)
         del data
         write = common.stdout().write
@@ -220,7 +234,81 @@ def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
             write(block)
         return
     del data
-    spool.copy_to(common.stdout())
+    out = common.stdout()
+    spool.copy_to(out)
+    if second is not None:
+        second.seek(0)
+        while chunk := second.read(_SPOOL_CHUNK):
+            out.write(chunk)
+        second.close()
+
+
+def _dump_in_two(image, toplevel: list[bytes] | None, split: tuple[bytes, ...],
+                 spool: _Spool) -> BinaryIO | None:
+    """Print the dump of ``image`` in two parts at once: a forked child prints the records
+    from ``split`` on into an unnamed temporary file while this process prints the ones
+    before it into ``spool``; returns that file (to be copied after the spool), or None when
+    the parts do not join (a hard link across the split, the child failed: the caller prints
+    in one piece, which also names any problem). The image is read-only and shared by the
+    fork, so only the child's text and a report of the inodes it met come back."""
+    import tempfile
+    from array import array
+
+    from mkcfs.inspect.unflatten import SplitConflict, dump_records
+    from mkcfs.sources.dumpfile import dump_blocks
+
+    try:
+        text = tempfile.TemporaryFile()
+        report = tempfile.TemporaryFile()
+    except OSError:
+        return None
+    pid = os.fork()
+    if pid == 0:    # the child: print the second part, report, and leave without cleanup
+        status = 1
+        try:
+            met = array("I")
+            used: list[int] = []
+            for block in dump_blocks(dump_records(image, toplevel, start=split, met=met,
+                                                  budget_used=used)):
+                text.write(block)
+            text.flush()
+            report.write(array("Q", used).tobytes() + met.tobytes())
+            report.flush()
+            status = 0
+        except BaseException:       # noqa: BLE001 (any failure: the parent prints it all)
+            pass
+        finally:
+            os._exit(status)
+    reaped = False
+
+    def rest() -> tuple[array, int, int]:
+        nonlocal reaped
+        status = os.waitpid(pid, 0)[1]
+        reaped = True
+        if status != 0:
+            raise SplitConflict
+        report.seek(0)
+        raw = report.read()
+        used = array("Q", raw[:16])
+        met = array("I")
+        met.frombytes(raw[16:])
+        return met, used[0], used[1]
+
+    try:
+        for block in dump_blocks(dump_records(image, toplevel, stop=split, rest=rest)):
+            spool.write(block)
+    except SplitConflict:
+        text.close()
+        return None
+    except BaseException:
+        text.close()
+        raise
+    finally:
+        report.close()
+        if not reaped:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return text
 
 
 #: dump text kept in memory; beyond this it waits in a temporary file

@@ -30,14 +30,15 @@ from __future__ import annotations
 import mmap
 import os
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from itertools import islice
 from operator import lt as _less
 from typing import TYPE_CHECKING
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from erofs.errors import ImageFormatError
-from erofs.format import EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
+from erofs.format import (EROFS_FT_CHRDEV, EROFS_FT_DIR, EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE,
+                          EROFS_INODE_FLAT_PLAIN)
 from erofs.reader import INLINE_CONTENT_MAX, PATH_MAX, Image, WorkBudget, xattr_key
 
 from mkcfs.build import overlay
@@ -46,7 +47,8 @@ from mkcfs.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Hard
 if TYPE_CHECKING:
     from mkcfs.sources.dumpfile import DumpRecord
 
-__all__ = ["load_tree", "load_tree_from_file", "dump_records", "NeedsTree", "ImageFormatError"]
+__all__ = ["load_tree", "load_tree_from_file", "dump_records", "dump_split", "NeedsTree",
+           "SplitConflict", "ImageFormatError"]
 
 _OVERLAY = overlay.OVERLAY_PREFIX
 _ESCAPED = overlay.ESCAPED_PREFIX
@@ -216,8 +218,21 @@ class NeedsTree(Exception):
 _WHITEOUT = 0xFFFFFFFF
 
 
-def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
-                 ) -> Iterator[DumpRecord]:
+class SplitConflict(Exception):
+    """The parts of a dump split by :func:`dump_split` do not join: an inode is named in both
+    (a hard link across the split) or together they exceed the work budget. Print the dump in
+    one piece instead."""
+
+
+#: what the second part of a split dump tells the first: the nids it printed by their first
+#: name, and the directory entries and bytes of its work budget it used
+PartReport = tuple[Sequence[int], int, int]
+
+
+def dump_records(image: Image, toplevel: Iterable[bytes] | None = None, *,
+                 start: Sequence[bytes] | None = None, stop: Sequence[bytes] | None = None,
+                 met: array | None = None, budget_used: list[int] | None = None,
+                 rest: Callable[[], PartReport] | None = None) -> Iterator[DumpRecord]:
     """What ``composefs-info dump`` prints for ``image`` (``load_tree`` with
     ``hardlinks="first"`` then ``tree_records``), record by record, without building the tree.
 
@@ -227,7 +242,15 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
     inode only the directory of its first name is remembered (4 bytes per inode slot); a
     second name finds the first one there and builds the inode's fields again.
     Anything that needs the tree raises :class:`NeedsTree`, possibly after some records were
-    yielded: callers print nothing until the walk has finished."""
+    yielded: callers print nothing until the walk has finished.
+
+    A dump can be printed in two parts (by two processes) at a path from :func:`dump_split`,
+    given as its names from the root: ``stop=path`` gives the records before it, ``start=path``
+    the records from it on. The second part fills ``met`` with the nids it printed by their
+    first name and ``budget_used`` with the directory entries and bytes of its work; the
+    first part, at its end, calls ``rest()`` for those and raises :class:`SplitConflict` if an
+    inode was met in both parts (its first name is in the first part: the second printed it
+    wrongly) or the two together used more than the image's work budget."""
     walk = _Walk(image)
     keep = None if toplevel is None else frozenset(toplevel)
     build = _make_builder(walk, share_xattrs=True)
@@ -238,7 +261,8 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
         raise NeedsTree from None
     if fields is None:
         raise NeedsTree
-    yield (b"/", b"") + fields
+    if not start:
+        yield (b"/", b"") + fields
     if root_dir is None:
         return
     n_slots = max(0, (image.size - image.meta_base) // 32) + 1
@@ -253,6 +277,15 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
     linked: dict[int, tuple[bytes, NodeFields]] = {}
     #: directory nid -> {nid: name} of its entries, for finding first names
     names_of: dict[int, dict[int, bytes]] = {}
+    note_first = met.append if met is not None else None
+    #: "directory path/" -> (name, whether that entry is printed too): where the first part
+    #: ends in each directory on the split path
+    stops: dict[bytes, tuple[bytes, bool]] = {}
+    if stop:
+        base = b"/"
+        for depth, name in enumerate(stop):
+            stops[base] = (name, depth + 1 < len(stop))
+            base += name + b"/"
 
     def first_name(nid: int) -> tuple[bytes, NodeFields]:
         """The path and fields of the inode ``nid`` met earlier."""
@@ -279,11 +312,45 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
         entry = linked[nid] = (path, fields)
         return entry
 
+    def entries_of(base: bytes, names: list[bytes], nids: list[int]
+                   ) -> Iterator[tuple[bytes, int]]:
+        """The entries of the directory ``base`` (its path and ``/``) this part prints."""
+        cut = stops.get(base) if stops else None
+        if cut is None:
+            return zip(names, nids)
+        name, inclusive = cut
+        end = (bisect_right if inclusive else bisect_left)(names, name)
+        return zip(names[:end], nids[:end])
+
     try:
-        entries: Iterator[tuple[bytes, int]] = _sorted_dir(walk, root_dir)
+        names, nids = _sorted_columns(walk, root_dir)
         if keep is not None:
-            entries = iter([(name, nid) for name, nid in entries if name in keep])
-        stack = [(b"/", root_nid + 1, entries)]
+            kept = [i for i, name in enumerate(names) if name in keep]
+            names = [names[i] for i in kept]
+            nids = [nids[i] for i in kept]
+        stack: list[tuple[bytes, int, Iterator[tuple[bytes, int]]]] = []
+        if start:
+            # the second part: down to the split path's directory, each level resuming after
+            # the entry the path goes through (the first part printed that one)
+            base, here = b"/", root_nid + 1
+            for depth, name in enumerate(start):
+                last = depth + 1 == len(start)
+                i = (bisect_left if last else bisect_right)(names, name)
+                stack.append((base, here, zip(names[i:], nids[i:])))
+                if last:
+                    break
+                nid = nids[i - 1] if i else -1
+                if not i or names[i - 1] != name or first_dir[nid]:
+                    raise NeedsTree
+                fields, dir_extents = build(nid)
+                if fields is None or dir_extents is None:
+                    raise NeedsTree
+                first_dir[nid] = here
+                dirs[nid] = (base + name, dir_extents)
+                base, here = base + name + b"/", nid + 1
+                names, nids = _sorted_columns(walk, dir_extents)
+        else:
+            stack.append((b"/", root_nid + 1, entries_of(b"/", names, nids)))
         while stack:
             base, here, entries = stack[-1]
             for name, nid in entries:
@@ -302,21 +369,133 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None
                     first_dir[nid] = _WHITEOUT
                     continue
                 first_dir[nid] = here
+                if note_first is not None:
+                    note_first(nid)
                 path = base + name
                 yield (path, b"") + fields
                 if dir_extents is not None:
                     dirs[nid] = (path, dir_extents)
-                    stack.append((path + b"/", nid + 1, _sorted_dir(walk, dir_extents)))
+                    path += b"/"
+                    stack.append((path, nid + 1,
+                                  entries_of(path, *_sorted_columns(walk, dir_extents))))
                     break
             else:
                 stack.pop()
     except ImageFormatError:
         raise NeedsTree from None
+    budget = walk.budget
+    if budget_used is not None:
+        fresh = WorkBudget(image.size)
+        budget_used[:] = [fresh.dirents_left - budget.dirents_left,
+                          fresh.bytes_left - budget.bytes_left]
+    if rest is not None:
+        their_nids, their_dirents, their_bytes = rest()
+        if (budget.dirents_left < their_dirents or budget.bytes_left < their_bytes
+                or any(first_dir[nid] for nid in their_nids)):
+            raise SplitConflict
 
 
-def _sorted_dir(walk: _Walk, where: _Extents) -> Iterator[tuple[bytes, int]]:
-    """The ``(name, nid)`` entries of a directory without ``.`` and ``..``, when they are stored
-    in strictly increasing name order and every name is valid (else :class:`NeedsTree`)."""
+#: below this many inode slots a dump is not split (a fork costs more than it saves)
+SPLIT_MIN_SLOTS = 20000
+
+
+def dump_split(image: Image, toplevel: Iterable[bytes] | None = None,
+               min_slots: int | None = None) -> tuple[bytes, ...] | None:
+    """The path (names from the root) that cuts ``image``'s dump into two parts of about as
+    many entries each, for :func:`dump_records` ``stop=``/``start=``; None when the image is
+    small (fewer than ``min_slots`` inode slots, default :data:`SPLIT_MIN_SLOTS`), has hard
+    links (a part would not know the names the other printed) or its
+    directories are not as mkcomposefs writes them (the dump is then printed in one piece,
+    which also names any problem).
+
+    It reads the directories only (the dirent file types say which entries are directories),
+    counts the entries below each, and goes down from the root to the entry in the middle."""
+    n_slots = (image.size - image.meta_base) // 32 + 1
+    if n_slots < (SPLIT_MIN_SLOTS if min_slots is None else min_slots):
+        return None
+    budget = WorkBudget(image.size)
+    decode = image.inode_decoder()
+    extents_of = image.extents_of
+    dirent_columns = image.dirent_columns
+    is_dir = EROFS_FT_DIR
+    is_chr = EROFS_FT_CHRDEV
+    #: nids met so far (a second meeting is a hard link, or a malformed image)
+    met = bytearray(n_slots)
+
+    def directory(nid: int) -> tuple[list[bytes], list[int], list[int]]:
+        """The names, nids and file types of a directory's entries, ``.`` and ``..``
+        left out (in stored order, which the dump checks is name order)."""
+        (_nid, offset, _extended, layout, mode, _nlink, fsize, i_u, _ino, _uid, _gid, _mtime,
+         _mtime_nsec, _icount, xoff, xsize) = decode(nid)
+        if mode & _IFMT != S_IFDIR:
+            raise NeedsTree
+        names: list[bytes] = []
+        nids: list[int] = []
+        types: list[int] = []
+        for start, length in extents_of(nid, offset, layout, fsize, i_u, xoff + xsize):
+            budget.bytes(length, start)
+            block_names, block_nids, block_types = dirent_columns(start, length)
+            budget.dirents(len(block_names), start)
+            names += block_names
+            nids += block_nids
+            types += block_types
+        for special in (b".", b".."):
+            if special in names:
+                i = names.index(special)
+                del names[i], nids[i], types[i]
+        return names, nids, types
+
+    try:
+        root_nid = image.root_nid
+        names, nids, types = directory(root_nid)
+        if toplevel is not None:
+            keep = frozenset(toplevel)
+            kept = [i for i, name in enumerate(names) if name in keep]
+            names, nids, types = ([names[i] for i in kept], [nids[i] for i in kept],
+                                  [types[i] for i in kept])
+        # entries below each directory, counted bottom up without recursion
+        below: dict[int, int] = {}
+        order: list[tuple[int, list[int], list[int]]] = []
+        pending = [(root_nid, nids, types)]
+        while pending:
+            nid, child_nids, child_types = pending.pop()
+            order.append((nid, child_nids, child_types))
+            for child in child_nids:
+                if met[child]:
+                    return None     # a hard link (or a directory reached twice)
+                met[child] = 1
+            for child, ftype in zip(child_nids, child_types):
+                if ftype == is_dir:
+                    _names, grand_nids, grand_types = directory(child)
+                    pending.append((child, grand_nids, grand_types))
+        # character devices count for nothing: most are whiteouts, which are not printed
+        for nid, child_nids, child_types in reversed(order):
+            below[nid] = sum([1 + below[c] if t == is_dir else t != is_chr
+                              for c, t in zip(child_nids, child_types)])
+        # down from the root to the entry that has half of all entries before it
+        todo = below[root_nid] // 2
+        path: list[bytes] = []
+        while True:
+            for name, nid, ftype in zip(names, nids, types):
+                size = 1 + below[nid] if ftype == is_dir else int(ftype != is_chr)
+                if todo < size:
+                    path.append(name)
+                    if todo == 0 or ftype != is_dir:
+                        return tuple(path)
+                    todo -= 1
+                    names, nids, types = directory(nid)
+                    break
+                todo -= size
+            else:
+                return None
+    except (ImageFormatError, NeedsTree, IndexError):
+        return None
+
+
+def _sorted_columns(walk: _Walk, where: _Extents) -> tuple[list[bytes], list[int]]:
+    """The names and nids of a directory's entries without ``.`` and ``..``, when they are
+    stored in strictly increasing name order and every name is valid (else
+    :class:`NeedsTree`)."""
     names, nids = _dir_columns(walk, where)
     if names:
         if (not all(map(_less, names, islice(names, 1, None))) or not names[0]
@@ -328,7 +507,7 @@ def _sorted_dir(walk: _Walk, where: _Extents) -> Iterator[tuple[bytes, int]]:
             if i < len(names) and names[i] == special:
                 del names[i]
                 del nids[i]
-    return zip(names, nids)
+    return names, nids
 
 
 def _move_to_writer_places(walk: _Walk, linked: set[int],

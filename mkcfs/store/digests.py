@@ -17,7 +17,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 from concurrent.futures import (BrokenExecutor, Executor, Future, ProcessPoolExecutor,
                                 ThreadPoolExecutor)
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from fsverity import object_path
 
 from mkcfs.errors import WalkError
+from mkcfs.forksafe import processes_usable
 from mkcfs.store.objects import ObjectStore
 from mkcfs.store.reading import (BUFFER_SIZE, INLINE_MAX, Cancelled, CancelFlag, hash_fd, open_source,
                                  read_inline)
@@ -146,14 +146,6 @@ def run_batch(batch: list[tuple[bytes, int]], store: ObjectStore | None,
             store.remove_empty_dirs()   # the ab/ directories made for objects now dropped
         raise
     return out
-
-
-def processes_usable() -> bool:
-    """Fork worker processes only from a process that runs no other thread (the CLI): a fork
-    copies the locks other threads hold (in OpenSSL, in stdio...), and a fork server or spawn
-    would import the caller's ``__main__`` again."""
-    return (sys.platform.startswith("linux") and threading.active_count() == 1
-            and os.environ.get("MKCFS_DIGEST_THREADS") is None)
 
 
 class DigestPool:

@@ -1,7 +1,10 @@
-"""mkcfs.inspect.unflatten: sharing xattr dicts changes nothing a reader of the tree sees, and
-``dump_records`` prints exactly what ``load_tree`` + the tree printer print."""
+"""mkcfs.inspect.unflatten: sharing xattr dicts changes nothing a reader of the tree sees,
+``dump_records`` prints exactly what ``load_tree`` + the tree printer print, and a dump printed
+in two parts at any split path is the same text (or the parts refuse to join)."""
 
 from __future__ import annotations
+
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +13,9 @@ from erofs.errors import ImageFormatError
 from erofs.reader import Image
 from mkcfs.build.image import build_image
 from mkcfs.cli import composefs_info
-from mkcfs.inspect.unflatten import NeedsTree, dump_records, load_tree
+from mkcfs.inspect import unflatten
+from mkcfs.inspect.unflatten import (NeedsTree, SplitConflict, dump_records, dump_split,
+                                      load_tree)
 from mkcfs.sources.dumpfile import dump_blocks, format_dumpfile, parse_dumpfile
 from mkcfs.tree import Node, iter_tree
 
@@ -126,3 +131,114 @@ def test_info_dump_of_an_unsorted_directory_prints_the_tree(tmp_path, capsysbina
     assert out == _via_tree(unsorted)
     # libcomposefs places the inode at its first name in stored order: /aq9/x
     assert out.endswith(b"/aq9/x 0 100644 2 0 0 0 0.0 - - -\n")
+
+
+# --- dump in two parts (composefs-info dump on two cores) --------------------------------------
+
+def _no_links_image() -> bytes:
+    """Nested directories, xattrs, symlinks, inline and external files, whiteouts; no hard
+    links."""
+    lines = [b"/ 4096 40755 2 0 0 0 0.0 - - - security.selinux=root"]
+    for d in range(4):
+        lines.append(b"/d%d 4096 40755 2 0 0 0 0.0 - - - security.selinux=l" % d)
+        lines.append(b"/d%d/w 0 20000 1 0 0 0 0.0 - - -" % d)
+        for s in range(3):
+            base = b"/d%d/s%d" % (d, s)
+            lines.append(base + b" 4096 40755 2 0 0 0 0.0 - - - user.d=%d" % s)
+            for f in range(4):
+                lines.append(base + b"/f%d 5 100644 1 0 0 0 0.0 - hello - security.selinux=l"
+                             % f)
+                lines.append(base + b"/g%d 9000 100644 1 7 7 0 9.1 ab/cd%d%d%d - - user.x=%d"
+                             % (f, d, s, f, f))
+            lines.append(base + b"/l 5 120777 1 0 0 0 0.0 ../f0 - -")
+    lines.append(b"/z 0 100644 1 0 0 0 0.0 - - -")
+    return bytes(build_image(parse_dumpfile(b"\n".join(lines) + b"\n", strict=True)).data)
+
+
+def _in_two(image: bytes, split, toplevel=None) -> bytes:
+    """The two parts of the dump printed one after the other, as the two processes do."""
+    met = array("I")
+    used: list[int] = []
+    second = b"".join(dump_blocks(dump_records(Image(image), toplevel, start=split, met=met,
+                                               budget_used=used)))
+    first = b"".join(dump_blocks(dump_records(Image(image), toplevel, stop=split,
+                                              rest=lambda: (met, used[0], used[1]))))
+    return first + second
+
+
+def _split_paths(dump: bytes) -> list[tuple[bytes, ...]]:
+    return [tuple(line.split(b" ", 1)[0][1:].split(b"/")) for line in dump.splitlines()[1:]]
+
+
+def test_a_dump_in_two_parts_at_any_path_is_the_dump():
+    image = _no_links_image()
+    whole = _streamed(image)
+    assert whole == _via_tree(image)
+    for split in _split_paths(whole):
+        assert _in_two(image, split) == whole, split
+    toplevel = [b"d1", b"d2", b"z"]
+    filtered = _streamed(image, toplevel)
+    for split in _split_paths(filtered):
+        assert _in_two(image, split, toplevel) == filtered, split
+
+
+def test_the_split_is_in_the_middle_and_refused_for_small_images_or_hard_links():
+    image = _no_links_image()
+    assert dump_split(Image(image)) is None      # below SPLIT_MIN_SLOTS
+    split = dump_split(Image(image), min_slots=0)
+    lines = _streamed(image).splitlines()
+    before = _split_paths(b"\n".join(lines)).index(split)
+    assert abs(before - len(lines) // 2) <= 2, (split, before, len(lines))
+    assert _in_two(image, split) == _streamed(image)
+    linked = bytes(build_image(generate(0, bulk=300, large=10000).root).data)
+    assert dump_split(Image(linked), min_slots=0) is None
+
+
+def test_parts_across_a_hard_link_do_not_join():
+    tree = generate(1, bulk=300, large=10000)
+    image = bytes(build_image(tree.root).data)
+    whole = _streamed(image)
+    assert b" @" in whole
+    conflicts = 0
+    for split in _split_paths(whole):
+        try:
+            assert _in_two(image, split) == whole, split
+        except SplitConflict:
+            conflicts += 1
+    assert conflicts
+
+
+def _info_dump(tmp_path, capsysbinary, image: bytes, *options: str) -> tuple[int, bytes, bytes]:
+    path = tmp_path / "i.img"
+    path.write_bytes(image)
+    status = composefs_info.main([*options, "dump", str(path)])
+    captured = capsysbinary.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_info_dump_in_two_processes(tmp_path, capsysbinary, monkeypatch):
+    monkeypatch.setattr(unflatten, "SPLIT_MIN_SLOTS", 0)
+    image = _no_links_image()
+    assert _info_dump(tmp_path, capsysbinary, image) == (0, _via_tree(image), b"")
+    assert _info_dump(tmp_path, capsysbinary, image, "--filter=d2") == (
+        0, _via_tree(image, [b"d2"]), b"")
+    linked = bytes(build_image(generate(0, bulk=300, large=10000).root).data)
+    assert _info_dump(tmp_path, capsysbinary, linked) == (0, _via_tree(linked), b"")
+
+
+def test_info_dump_in_two_processes_of_a_bad_second_part(tmp_path, capsysbinary, monkeypatch):
+    monkeypatch.setattr(unflatten, "SPLIT_MIN_SLOTS", 0)
+    image = _no_links_image()
+    split = dump_split(Image(image), min_slots=0)
+    assert split is not None and split[0] == b"d2"
+    # the child's part has a directory out of name order: the tree says what the C tool says
+    names = b"f0f1f2f3g0g1g2g3l"
+    last = image.rfind(names)      # the names of /d3/s2
+    assert last > 0
+    unsorted = image[:last] + b"f9" + image[last + 2:]
+    with pytest.raises(NeedsTree):
+        _streamed(unsorted)
+    assert _info_dump(tmp_path, capsysbinary, unsorted) == (0, _via_tree(unsorted), b"")
+    # a damaged image: one error line, nothing printed
+    status, out, err = _info_dump(tmp_path, capsysbinary, image[:len(image) // 2])
+    assert status != 0 and out == b"" and err.count(b"\n") == 1
