@@ -199,14 +199,14 @@ def _load(path: str, toplevel: list[bytes] | None, hardlinks: str = "first"):
 def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
     """``dump`` of one image: printed straight from its inodes (``dump_records``) when the
     image allows, else from the tree ``load_tree`` builds (which also names any problem).
-    A large image is printed in two parts by two processes (:func:`_dump_in_two`).
+    A large image is printed by two processes when two CPUs are there (:func:`_dump_in_two`).
     Like the C tool, nothing is printed unless the whole image could be read: the text waits
     in a :class:`_Spool`."""
     from erofs.errors import ImageFormatError
     from erofs.reader import Image
 
     from mkcfs.forksafe import processes_usable
-    from mkcfs.inspect.unflatten import NeedsTree, dump_records, dump_split
+    from mkcfs.inspect.unflatten import NeedsTree, SplitConflict, dump_records, split_pays
     from mkcfs.sources.dumpfile import dump_blocks, tree_records
 
     data = _read_image(path)
@@ -214,13 +214,16 @@ def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
     second: BinaryIO | None = None
     try:
         image = Image(data)
-        two_cores = processes_usable() and len(os.sched_getaffinity(0)) > 1
-        split = dump_split(image, toplevel) if two_cores else None
-        if split is not None:
-            second = _dump_in_two(image, toplevel, split, spool)
-        if second is None:
-            spool.close()
-            spool = _Spool()
+        in_one = True
+        if (split_pays(image) and processes_usable()
+                and len(os.sched_getaffinity(0)) > 1):
+            try:
+                second = _dump_in_two(image, toplevel, spool)
+                in_one = False
+            except SplitConflict:
+                spool.close()
+                spool = _Spool()
+        if in_one:
             for block in dump_blocks(dump_records(image, toplevel)):
                 spool.write(block)
     except (NeedsTree, ImageFormatError):
@@ -243,46 +246,83 @@ def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
         second.close()
 
 
-def _dump_in_two(image, toplevel: list[bytes] | None, split: tuple[bytes, ...],
-                 spool: _Spool) -> BinaryIO | None:
-    """Print the dump of ``image`` in two parts at once: a forked child prints the records
-    from ``split`` on into an unnamed temporary file while this process prints the ones
-    before it into ``spool``; returns that file (to be copied after the spool), or None when
-    the parts do not join (a hard link across the split, the child failed: the caller prints
-    in one piece, which also names any problem). The image is read-only and shared by the
-    fork, so only the child's text and a report of the inodes it met come back."""
+#: the share of the entries the parent prints: the child first reads the directories to find
+#: the split (about an eighth of the work of printing them all)
+_PARENT_SHARE = 0.56
+#: bytes shared with the child for the split path it found
+_BOARD_SIZE = 16384
+
+
+def _dump_in_two(image, toplevel: list[bytes] | None, spool: _Spool) -> BinaryIO | None:
+    """Print the dump of ``image`` into ``spool`` with the help of a forked child, which finds
+    the path where the parent's share ends (``dump_split``) and, if the parent has not passed
+    it yet, prints the records from there on into an unnamed temporary file, returned to be
+    copied after the spool (None: the parent printed everything). Raises
+    :class:`SplitConflict` when the parts do not join (a hard link across the split, the
+    child failed): the caller prints the dump in one piece, which also names any problem.
+    The image is read-only and shared by the fork, so only the split path (in a shared page),
+    the child's text and a report of the inodes it met come back."""
+    import mmap
     import tempfile
     from array import array
 
-    from mkcfs.inspect.unflatten import SplitConflict, dump_records
+    from mkcfs.inspect.unflatten import SplitConflict, dump_records, dump_split
     from mkcfs.sources.dumpfile import dump_blocks
 
     try:
         text = tempfile.TemporaryFile()
         report = tempfile.TemporaryFile()
-    except OSError:
-        return None
+    except OSError as exc:
+        raise SplitConflict from exc
+    #: byte 0: 1 once the child wrote the split path; bytes 1-4 its length (0: no split)
+    board = mmap.mmap(-1, _BOARD_SIZE)
+    answer_r, answer_w = os.pipe()
     pid = os.fork()
-    if pid == 0:    # the child: print the second part, report, and leave without cleanup
+    if pid == 0:    # the child: find the split, print from there on, report, leave
         status = 1
         try:
-            met = array("I")
-            used: list[int] = []
-            for block in dump_blocks(dump_records(image, toplevel, start=split, met=met,
-                                                  budget_used=used)):
-                text.write(block)
-            text.flush()
-            report.write(array("Q", used).tobytes() + met.tobytes())
-            report.flush()
+            os.close(answer_w)
+            split = dump_split(image, toplevel, min_slots=0, share=_PARENT_SHARE)
+            encoded = b"/".join(split) if split else b""
+            if len(encoded) > _BOARD_SIZE - 5:
+                encoded = b""
+            board[5:5 + len(encoded)] = encoded
+            board[1:5] = len(encoded).to_bytes(4, "little")
+            board[0] = 1
+            if encoded and os.read(answer_r, 1) == b"y":
+                met = array("I")
+                used: list[int] = []
+                for block in dump_blocks(dump_records(image, toplevel, start=split, met=met,
+                                                      budget_used=used)):
+                    text.write(block)
+                text.flush()
+                report.write(array("Q", used).tobytes() + met.tobytes())
+                report.flush()
             status = 0
         except BaseException:       # noqa: BLE001 (any failure: the parent prints it all)
             pass
         finally:
             os._exit(status)
-    reaped = False
+    os.close(answer_r)
+    accepted = reaped = False
 
-    def rest() -> tuple[array, int, int]:
+    def offer(path: bytes) -> tuple[bytes, ...] | None:
+        """The child's split path once it is known and still ahead of ``path``."""
+        nonlocal accepted
+        if not board[0]:
+            return None
+        length = int.from_bytes(board[1:5], "little")
+        split = tuple(board[5:5 + length].split(b"/")) if length else ()
+        if split and split > tuple(path[1:].split(b"/")):
+            os.write(answer_w, b"y")
+            accepted = True
+            return split
+        return ()
+
+    def rest() -> tuple[array, int, int] | None:
         nonlocal reaped
+        if not accepted:
+            return None
         status = os.waitpid(pid, 0)[1]
         reaped = True
         if status != 0:
@@ -295,19 +335,21 @@ def _dump_in_two(image, toplevel: list[bytes] | None, split: tuple[bytes, ...],
         return met, used[0], used[1]
 
     try:
-        for block in dump_blocks(dump_records(image, toplevel, stop=split, rest=rest)):
+        for block in dump_blocks(dump_records(image, toplevel, offer=offer, rest=rest)):
             spool.write(block)
-    except SplitConflict:
-        text.close()
-        return None
     except BaseException:
         text.close()
         raise
     finally:
-        report.close()
+        os.close(answer_w)
         if not reaped:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+        report.close()
+        board.close()
+    if not accepted:
+        text.close()
+        return None
     return text
 
 

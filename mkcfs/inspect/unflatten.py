@@ -47,8 +47,8 @@ from mkcfs.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Hard
 if TYPE_CHECKING:
     from mkcfs.sources.dumpfile import DumpRecord
 
-__all__ = ["load_tree", "load_tree_from_file", "dump_records", "dump_split", "NeedsTree",
-           "SplitConflict", "ImageFormatError"]
+__all__ = ["load_tree", "load_tree_from_file", "dump_records", "dump_split", "split_pays",
+           "NeedsTree", "SplitConflict", "ImageFormatError"]
 
 _OVERLAY = overlay.OVERLAY_PREFIX
 _ESCAPED = overlay.ESCAPED_PREFIX
@@ -232,7 +232,8 @@ PartReport = tuple[Sequence[int], int, int]
 def dump_records(image: Image, toplevel: Iterable[bytes] | None = None, *,
                  start: Sequence[bytes] | None = None, stop: Sequence[bytes] | None = None,
                  met: array | None = None, budget_used: list[int] | None = None,
-                 rest: Callable[[], PartReport] | None = None) -> Iterator[DumpRecord]:
+                 offer: Callable[[bytes], Sequence[bytes] | None] | None = None,
+                 rest: Callable[[], PartReport | None] | None = None) -> Iterator[DumpRecord]:
     """What ``composefs-info dump`` prints for ``image`` (``load_tree`` with
     ``hardlinks="first"`` then ``tree_records``), record by record, without building the tree.
 
@@ -248,9 +249,13 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None, *,
     given as its names from the root: ``stop=path`` gives the records before it, ``start=path``
     the records from it on. The second part fills ``met`` with the nids it printed by their
     first name and ``budget_used`` with the directory entries and bytes of its work; the
-    first part, at its end, calls ``rest()`` for those and raises :class:`SplitConflict` if an
-    inode was met in both parts (its first name is in the first part: the second printed it
-    wrongly) or the two together used more than the image's work budget."""
+    first part, at its end, calls ``rest()`` for those (None: there was no second part) and
+    raises :class:`SplitConflict` if an inode was met in both parts (its first name is in the
+    first part: the second printed it wrongly) or the two together used more than the image's
+    work budget. Instead of ``stop``, the first part can be given ``offer``, called with the
+    path of each directory it is about to enter until it returns a split path (the records
+    from there on are left to the second part; ``offer`` accepts only a path after the given
+    one) or ``()`` (no split: the rest is printed here)."""
     walk = _Walk(image)
     keep = None if toplevel is None else frozenset(toplevel)
     build = _make_builder(walk, share_xattrs=True)
@@ -281,11 +286,16 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None, *,
     #: "directory path/" -> (name, whether that entry is printed too): where the first part
     #: ends in each directory on the split path
     stops: dict[bytes, tuple[bytes, bool]] = {}
-    if stop:
+
+    def stop_at(split: Sequence[bytes]) -> None:
+        """End this part before ``split`` in the directories entered from now on."""
         base = b"/"
-        for depth, name in enumerate(stop):
-            stops[base] = (name, depth + 1 < len(stop))
+        for depth, name in enumerate(split):
+            stops[base] = (name, depth + 1 < len(split))
             base += name + b"/"
+
+    if stop:
+        stop_at(stop)
 
     def first_name(nid: int) -> tuple[bytes, NodeFields]:
         """The path and fields of the inode ``nid`` met earlier."""
@@ -375,6 +385,18 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None, *,
                 yield (path, b"") + fields
                 if dir_extents is not None:
                     dirs[nid] = (path, dir_extents)
+                    if offer is not None:
+                        split = offer(path)
+                        if split is not None:
+                            offer = None
+                            if split:
+                                stop_at(split)
+                                # directories already entered end early too
+                                for i, (up, up_here, up_entries) in enumerate(stack):
+                                    cut = stops.get(up)
+                                    if cut is not None:
+                                        stack[i] = (up, up_here,
+                                                    _entries_until(up_entries, *cut))
                     path += b"/"
                     stack.append((path, nid + 1,
                                   entries_of(path, *_sorted_columns(walk, dir_extents))))
@@ -388,21 +410,36 @@ def dump_records(image: Image, toplevel: Iterable[bytes] | None = None, *,
         fresh = WorkBudget(image.size)
         budget_used[:] = [fresh.dirents_left - budget.dirents_left,
                           fresh.bytes_left - budget.bytes_left]
-    if rest is not None:
-        their_nids, their_dirents, their_bytes = rest()
+    report = rest() if rest is not None else None
+    if report is not None:
+        their_nids, their_dirents, their_bytes = report
         if (budget.dirents_left < their_dirents or budget.bytes_left < their_bytes
                 or any(first_dir[nid] for nid in their_nids)):
             raise SplitConflict
+
+
+def _entries_until(entries: Iterator[tuple[bytes, int]], name: bytes, inclusive: bool
+                   ) -> Iterator[tuple[bytes, int]]:
+    """The rest of a directory's sorted ``entries`` up to ``name`` (included or not)."""
+    for entry in entries:
+        if entry[0] > name or (entry[0] == name and not inclusive):
+            return
+        yield entry
 
 
 #: below this many inode slots a dump is not split (a fork costs more than it saves)
 SPLIT_MIN_SLOTS = 20000
 
 
+def split_pays(image: Image) -> bool:
+    """Whether ``image`` is large enough for its dump to be printed in two parts."""
+    return (image.size - image.meta_base) // 32 + 1 >= SPLIT_MIN_SLOTS
+
+
 def dump_split(image: Image, toplevel: Iterable[bytes] | None = None,
-               min_slots: int | None = None) -> tuple[bytes, ...] | None:
-    """The path (names from the root) that cuts ``image``'s dump into two parts of about as
-    many entries each, for :func:`dump_records` ``stop=``/``start=``; None when the image is
+               min_slots: int | None = None, share: float = 0.5) -> tuple[bytes, ...] | None:
+    """The path (names from the root) that cuts ``image``'s dump into two parts, the first
+    with about ``share`` of the entries, for :func:`dump_records` ``stop=``/``start=``; None when the image is
     small (fewer than ``min_slots`` inode slots, default :data:`SPLIT_MIN_SLOTS`), has hard
     links (a part would not know the names the other printed) or its
     directories are not as mkcomposefs writes them (the dump is then printed in one piece,
@@ -473,7 +510,7 @@ def dump_split(image: Image, toplevel: Iterable[bytes] | None = None,
             below[nid] = sum([1 + below[c] if t == is_dir else t != is_chr
                               for c, t in zip(child_nids, child_types)])
         # down from the root to the entry that has half of all entries before it
-        todo = below[root_nid] // 2
+        todo = int(below[root_nid] * share)
         path: list[bytes] = []
         while True:
             for name, nid, ftype in zip(names, nids, types):

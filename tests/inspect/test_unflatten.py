@@ -166,6 +166,31 @@ def _in_two(image: bytes, split, toplevel=None) -> bytes:
     return first + second
 
 
+def _offered(image: bytes, split, calls: int) -> tuple[bytes, bool]:
+    """The dump of a parent that learns the split path when entering its ``calls``-th
+    directory (taking it only if still ahead), and of the child if it took it."""
+    state = {"calls": 0, "taken": False, "second": b""}
+
+    def offer(path):
+        state["calls"] += 1
+        if state["calls"] < calls:
+            return None
+        state["taken"] = split > tuple(path[1:].split(b"/"))
+        return split if state["taken"] else ()
+
+    def rest():
+        if not state["taken"]:
+            return None
+        met = array("I")
+        used: list[int] = []
+        state["second"] = b"".join(dump_blocks(dump_records(Image(image), start=split, met=met,
+                                                            budget_used=used)))
+        return met, used[0], used[1]
+
+    first = b"".join(dump_blocks(dump_records(Image(image), offer=offer, rest=rest)))
+    return first + state["second"], bool(state["taken"])
+
+
 def _split_paths(dump: bytes) -> list[tuple[bytes, ...]]:
     return [tuple(line.split(b" ", 1)[0][1:].split(b"/")) for line in dump.splitlines()[1:]]
 
@@ -180,6 +205,18 @@ def test_a_dump_in_two_parts_at_any_path_is_the_dump():
     filtered = _streamed(image, toplevel)
     for split in _split_paths(filtered):
         assert _in_two(image, split, toplevel) == filtered, split
+
+
+def test_a_split_path_offered_during_the_walk_is_taken_only_if_ahead():
+    image = _no_links_image()
+    whole = _streamed(image)
+    taken = 0
+    for split in _split_paths(whole)[::5]:
+        for calls in (1, 3, 8, 14, 100):
+            text, took = _offered(image, split, calls)
+            assert text == whole, (split, calls)
+            taken += took
+    assert 0 < taken < len(_split_paths(whole)[::5]) * 5
 
 
 def test_the_split_is_in_the_middle_and_refused_for_small_images_or_hard_links():
