@@ -322,6 +322,7 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
     dir_chunks = table.dir_chunks
     add_block_addr = table.block_addrs.append
     add_shared_refs = table.shared_refs.extend
+    add_shared_ref = table.shared_refs.append
     file_types = _FILE_TYPES
     pack_compact = INODE_COMPACT.pack_into
     pack_extended = INODE_EXTENDED.pack_into
@@ -344,31 +345,33 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
         mode = rec.mode
         ftype = mode & S_IFMT
         size = rec.size
-        tail = 0
+        # --- data: (n_blocks, tail), i_size, i_u, data layout -------------------------------------
         n_blocks = 0
         i_u = 0
-        datalayout = EROFS_INODE_FLAT_PLAIN
-        # --- data: (n_blocks, tail) ----------------------------------------------------------
         if ftype == S_IFREG:
-            if size > 0:
-                if rec.external:
-                    chunkbits = (size - 1).bit_length()
-                    if chunkbits <= 12:
-                        chunkbits, chunk_count = 12, 1
-                    else:
-                        if chunkbits > 43:
-                            chunkbits = 43
-                        chunk_count = ((size - 1) >> chunkbits) + 1
-                    if chunk_count > LCFS_MAX_NONINLINE_CHUNKS:
-                        raise LayoutError("File too large")
-                    tail = 4 * chunk_count
-                    datalayout = EROFS_INODE_CHUNK_BASED
-                    i_u = chunkbits - 12
+            i_size = size
+            if size <= 0:
+                tail = 0
+                datalayout = EROFS_INODE_FLAT_PLAIN
+            elif rec.external:
+                chunkbits = (size - 1).bit_length()
+                if chunkbits <= 12:
+                    chunkbits, chunk_count = 12, 1
                 else:
-                    n_blocks, tail = divmod(size, EROFS_BLKSIZ)
-                    if tail > EROFS_MAX_INLINE_TAIL:
-                        n_blocks += 1
-                        tail = 0
+                    if chunkbits > 43:
+                        chunkbits = 43
+                    chunk_count = ((size - 1) >> chunkbits) + 1
+                if chunk_count > LCFS_MAX_NONINLINE_CHUNKS:
+                    raise LayoutError("File too large")
+                tail = 4 * chunk_count
+                datalayout = EROFS_INODE_CHUNK_BASED
+                i_u = chunkbits - 12
+            else:
+                n_blocks, tail = divmod(size, EROFS_BLKSIZ)
+                if tail > EROFS_MAX_INLINE_TAIL:
+                    n_blocks += 1
+                    tail = 0
+                datalayout = EROFS_INODE_FLAT_INLINE if tail else EROFS_INODE_FLAT_PLAIN
         elif ftype == S_IFDIR:
             dirents = rec.dirents
             assert dirents is not None
@@ -379,12 +382,19 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                 dir_chunks[index] = chunks
             elif tail > EROFS_MAX_INLINE_TAIL:
                 n_blocks, tail = 1, 0
-            size = n_blocks * EROFS_BLKSIZ + tail
+            size = i_size = n_blocks * EROFS_BLKSIZ + tail
+            datalayout = EROFS_INODE_FLAT_INLINE if tail else EROFS_INODE_FLAT_PLAIN
         elif ftype == S_IFLNK:
             assert rec.data is not None
             tail = len(rec.data)
-        elif ftype == S_IFCHR or ftype == S_IFBLK:
-            i_u = rec.rdev & _U32
+            datalayout = EROFS_INODE_FLAT_PLAIN   # decided once placed
+            i_size = 0
+        else:
+            tail = 0
+            datalayout = EROFS_INODE_FLAT_PLAIN
+            i_size = 0
+            if ftype == S_IFCHR or ftype == S_IFBLK:
+                i_u = rec.rdev & _U32
 
         compact = (rec.mtime_sec == build_time and rec.mtime_nsec == build_time_nsec
                    and rec.nlink <= _U16 and rec.uid <= _U16 and rec.gid <= _U16
@@ -401,13 +411,13 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                 refs: list[bytes] = []
                 parts: list[bytes] = [b""]
                 for pair in rec_xattrs:
-                    key, value = pair
-                    mask, entries = get_key_info(key) or split_key(key)
+                    mask, entries = get_key_info(pair[0]) or split_key(pair[0])
                     name_filter |= mask
                     ref = get_shared(pair) if get_shared is not None else None
                     if ref is not None and len(refs) < LCFS_MAX_SHARED_XATTRS:
                         refs.append(ref)
                     else:
+                        value = pair[1]
                         pack = entries.get(len(value)) or entries.new(len(value))
                         parts.append(pack(value))
                 n_refs = len(refs)
@@ -420,17 +430,23 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                 if getrefcount(rec_xattrs) > _OWN_LIST_REFS:
                     bodies[id(rec_xattrs)] = (body, n_refs)
             xsize = len(body)
+            head = (32 if compact else 64) + xsize
         else:
             xsize = 0
+            head = 32 if compact else 64
 
         # --- placement -----------------------------------------------------------------------
         p = (pos + 31) & ~31
-        head = (32 if compact else 64) + xsize
         if ftype == S_IFLNK:
             total = head + tail
             if total >= EROFS_BLKSIZ:
-                n_blocks += 1
+                n_blocks = 1
                 tail = 0
+                i_size = rec.size
+            else:
+                i_size = tail
+                if tail:
+                    datalayout = EROFS_INODE_FLAT_INLINE
             if p // EROFS_BLKSIZ != (p + total - 1) // EROFS_BLKSIZ:
                 p = (p + EROFS_BLKSIZ - 1) & ~(EROFS_BLKSIZ - 1)
         elif tail:
@@ -442,6 +458,8 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                     n_blocks += 1
                     tail = 0
                     p = (p + EROFS_BLKSIZ - 1) & ~(EROFS_BLKSIZ - 1)
+                    if datalayout == EROFS_INODE_FLAT_INLINE:
+                        datalayout = EROFS_INODE_FLAT_PLAIN
                 else:
                     p += extra
         pos = p + head + tail
@@ -450,25 +468,15 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             capacity = len(out)
 
         # --- the inode -------------------------------------------------------------------------
-        if tail and datalayout == EROFS_INODE_FLAT_PLAIN:
-            datalayout = EROFS_INODE_FLAT_INLINE
-        if ftype == S_IFREG:
-            i_size = rec.size
-        elif ftype == S_IFDIR:
-            i_size = size
-        elif ftype == S_IFLNK:
-            i_size = tail if n_blocks == 0 else rec.size
-        else:
-            i_size = 0
-        icount = (xsize - 8) >> 2 if xsize else 0
         if compact:
-            pack_compact(out, p, datalayout << 1, icount, mode & _U16, rec.nlink, i_size, 0, i_u,
-                         index, rec.uid, rec.gid, 0)
+            pack_compact(out, p, datalayout << 1, (xsize - 8) >> 2 if xsize else 0, mode & _U16,
+                         rec.nlink, i_size, 0, i_u, index, rec.uid, rec.gid, 0)
             q = p + 32
         else:
-            pack_extended(out, p, (datalayout << 1) | 1, icount, mode & _U16, 0, i_size & _U64,
-                          i_u, index, rec.uid & _U32, rec.gid & _U32, rec.mtime_sec & _U64,
-                          rec.mtime_nsec & _U32, rec.nlink & _U32, b"")
+            pack_extended(out, p, (datalayout << 1) | 1, (xsize - 8) >> 2 if xsize else 0,
+                          mode & _U16, 0, i_size & _U64, i_u, index, rec.uid & _U32,
+                          rec.gid & _U32, rec.mtime_sec & _U64, rec.mtime_nsec & _U32,
+                          rec.nlink & _U32, b"")
             q = p + 64
         if n_blocks:
             add_block_addr((q - 32 + I_U_COMPACT if compact else q - 64 + I_U_EXTENDED, block,
@@ -476,13 +484,19 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             if ftype != S_IFDIR:
                 add_block((block, n_blocks, None if datalayout == EROFS_INODE_CHUNK_BASED
                            else rec.data[:EROFS_BLKSIZ]))  # type: ignore[index]
+            block += n_blocks
         if xsize:
             out[q:q + xsize] = body
             if n_refs:
-                add_shared_refs(range((q + 12) >> 2, ((q + 12) >> 2) + n_refs))
+                ref_word = (q + 12) >> 2
+                add_shared_ref(ref_word)
+                if n_refs == 2:
+                    add_shared_ref(ref_word + 1)
+                elif n_refs > 2:
+                    add_shared_refs(range(ref_word + 1, ref_word + n_refs))
             q += xsize
         if ftype == S_IFDIR:
-            add_dir((index, q if tail else -1, tail, block if n_blocks else -1))
+            add_dir((index, q if tail else -1, tail, block - n_blocks if n_blocks else -1))
         elif tail:
             if datalayout == EROFS_INODE_CHUNK_BASED:
                 out[q:q + tail] = ff4 if tail == 4 else ff[:tail]
@@ -490,7 +504,6 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                 data = rec.data
                 assert data is not None
                 out[q:q + tail] = data if len(data) == tail else data[len(data) - tail:]
-        block += n_blocks
         add_nid(p >> 5)
         add_file_type(file_types[ftype >> 12])
 

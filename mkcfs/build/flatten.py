@@ -79,17 +79,35 @@ def choose_version(root: Node, min_version: int, max_version: int) -> int:
     if max_version < min_version:
         max_version = min_version
     version = min_version
-    if version < 1 <= max_version:
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            for child in node.children.values():  # type: ignore[union-attr]
-                if isinstance(child, Node):
-                    if _is_whiteout(child):
-                        return 1
-                    if child.children:
-                        stack.append(child)
+    if version < 1 <= max_version and _has_whiteout(root):
+        return 1
     return version
+
+
+_type_of_mode = S_IFMT.__and__
+_mode_of = attrgetter("mode")
+_children_of = attrgetter("children")
+
+
+def _has_whiteout(root: Node) -> bool:
+    """Whether the tree below ``root`` holds a chardev 0/0 (an overlay whiteout). Each
+    directory's children are looked at in C (``map``); only a directory with a hard link or a
+    character device takes a Python loop."""
+    stack = [root.children or {}]
+    while stack:
+        children = stack.pop().values()
+        try:
+            types = set(map(_type_of_mode, map(_mode_of, children)))
+        except AttributeError:   # a hard link: no mode
+            nodes = [child for child in children if isinstance(child, Node)]
+            types = set(map(_type_of_mode, map(_mode_of, nodes)))
+        else:
+            nodes = children   # type: ignore[assignment]
+        if S_IFCHR in types and any(map(_is_whiteout, nodes)):
+            return True
+        if S_IFDIR in types:
+            stack.extend(filter(None, map(_children_of, nodes)))
+    return False
 
 
 def _path_of(root: Node, target: Node) -> str:
