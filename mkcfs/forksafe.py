@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 
-__all__ = ["processes_usable"]
+__all__ = ["processes_usable", "spare_cpu"]
 
 
 def processes_usable() -> bool:
@@ -18,3 +18,17 @@ def processes_usable() -> bool:
     ``MKCFS_DIGEST_THREADS`` turns forking off."""
     return (sys.platform.startswith("linux") and threading.active_count() == 1
             and os.environ.get("MKCFS_DIGEST_THREADS") is None)
+
+
+def spare_cpu() -> bool:
+    """Whether a CPU this process may run on is idle right now (besides the one it runs on):
+    the kernel's count of runnable tasks, this one included, is below the number of CPUs.
+    A second process only pays on an idle CPU; on a loaded machine it costs CPU time and
+    saves no wall time."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError, AttributeError):
+        return False
+    return running < cpus

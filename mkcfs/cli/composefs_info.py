@@ -199,13 +199,13 @@ def _load(path: str, toplevel: list[bytes] | None, hardlinks: str = "first"):
 def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
     """``dump`` of one image: printed straight from its inodes (``dump_records``) when the
     image allows, else from the tree ``load_tree`` builds (which also names any problem).
-    A large image is printed by two processes when two CPUs are there (:func:`_dump_in_two`).
+    A large image is printed by two processes when a CPU is idle (:func:`_dump_in_two`).
     Like the C tool, nothing is printed unless the whole image could be read: the text waits
     in a :class:`_Spool`."""
     from erofs.errors import ImageFormatError
     from erofs.reader import Image
 
-    from mkcfs.forksafe import processes_usable
+    from mkcfs import forksafe
     from mkcfs.inspect.unflatten import NeedsTree, SplitConflict, dump_records, split_pays
     from mkcfs.sources.dumpfile import dump_blocks, tree_records
 
@@ -215,8 +215,7 @@ def _dump_image(path: str, toplevel: list[bytes] | None) -> None:
     try:
         image = Image(data)
         in_one = True
-        if (split_pays(image) and processes_usable()
-                and len(os.sched_getaffinity(0)) > 1):
+        if split_pays(image) and forksafe.processes_usable() and forksafe.spare_cpu():
             try:
                 second = _dump_in_two(image, toplevel, spool)
                 in_one = False

@@ -13,6 +13,7 @@ from erofs.errors import ImageFormatError
 from erofs.reader import Image
 from mkcfs.build.image import build_image
 from mkcfs.cli import composefs_info
+from mkcfs import forksafe
 from mkcfs.inspect import unflatten
 from mkcfs.inspect.unflatten import (NeedsTree, SplitConflict, dump_records, dump_split,
                                       load_tree)
@@ -255,6 +256,7 @@ def _info_dump(tmp_path, capsysbinary, image: bytes, *options: str) -> tuple[int
 
 def test_info_dump_in_two_processes(tmp_path, capsysbinary, monkeypatch):
     monkeypatch.setattr(unflatten, "SPLIT_MIN_SLOTS", 0)
+    monkeypatch.setattr(forksafe, "spare_cpu", lambda: True)
     image = _no_links_image()
     assert _info_dump(tmp_path, capsysbinary, image) == (0, _via_tree(image), b"")
     assert _info_dump(tmp_path, capsysbinary, image, "--filter=d2") == (
@@ -265,6 +267,7 @@ def test_info_dump_in_two_processes(tmp_path, capsysbinary, monkeypatch):
 
 def test_info_dump_in_two_processes_of_a_bad_second_part(tmp_path, capsysbinary, monkeypatch):
     monkeypatch.setattr(unflatten, "SPLIT_MIN_SLOTS", 0)
+    monkeypatch.setattr(forksafe, "spare_cpu", lambda: True)
     image = _no_links_image()
     split = dump_split(Image(image), min_slots=0)
     assert split is not None and split[0] == b"d2"
