@@ -31,7 +31,7 @@ import mmap
 import os
 from array import array
 from bisect import bisect_left, bisect_right
-from itertools import islice
+from itertools import compress, islice
 from operator import lt as _less
 from typing import TYPE_CHECKING
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -457,7 +457,7 @@ def dump_split(image: Image, toplevel: Iterable[bytes] | None = None,
     is_dir = EROFS_FT_DIR
     is_chr = EROFS_FT_CHRDEV
     #: nids met so far (a second meeting is a hard link, or a malformed image)
-    met = bytearray(n_slots)
+    met: set[int] = set()
 
     def directory(nid: int) -> tuple[list[bytes], list[int], list[int]]:
         """The names, nids and file types of a directory's entries, ``.`` and ``..``
@@ -490,25 +490,26 @@ def dump_split(image: Image, toplevel: Iterable[bytes] | None = None,
             kept = [i for i, name in enumerate(names) if name in keep]
             names, nids, types = ([names[i] for i in kept], [nids[i] for i in kept],
                                   [types[i] for i in kept])
-        # entries below each directory, counted bottom up without recursion
+        # entries below each directory, counted bottom up without recursion; character
+        # devices count for nothing (most are whiteouts, which are not printed)
         below: dict[int, int] = {}
-        order: list[tuple[int, list[int], list[int]]] = []
+        order: list[tuple[int, list[int]]] = []
         pending = [(root_nid, nids, types)]
         while pending:
             nid, child_nids, child_types = pending.pop()
-            order.append((nid, child_nids, child_types))
-            for child in child_nids:
-                if met[child]:
-                    return None     # a hard link (or a directory reached twice)
-                met[child] = 1
-            for child, ftype in zip(child_nids, child_types):
-                if ftype == is_dir:
-                    _names, grand_nids, grand_types = directory(child)
-                    pending.append((child, grand_nids, grand_types))
-        # character devices count for nothing: most are whiteouts, which are not printed
-        for nid, child_nids, child_types in reversed(order):
-            below[nid] = sum([1 + below[c] if t == is_dir else t != is_chr
-                              for c, t in zip(child_nids, child_types)])
+            known = len(met)
+            met.update(child_nids)
+            if len(met) - known != len(child_nids):
+                return None     # a hard link (or a directory reached twice)
+            subdirs = list(compress(child_nids, map(is_dir.__eq__, child_types)))
+            order.append((nid, subdirs))
+            below[nid] = len(child_nids) - child_types.count(is_chr)
+            for child in subdirs:
+                _names, grand_nids, grand_types = directory(child)
+                pending.append((child, grand_nids, grand_types))
+        for nid, subdirs in reversed(order):
+            if subdirs:
+                below[nid] += sum(map(below.__getitem__, subdirs))
         # down from the root to the entry that has half of all entries before it
         todo = int(below[root_nid] * share)
         path: list[bytes] = []
