@@ -8,6 +8,9 @@ by run, prints the ratios of the medians and checks that both print identical te
 
     python3 tools/bench_info.py --runs 7 [--reference /path/to/composefs-info] IMAGE...
 
+``--processes 1,2`` runs ``dump`` as one process and as two (what it does on an idle CPU), each
+as its own row, instead of letting it decide (``auto``: two only when a CPU is idle).
+
 Make an image of a dumpfile with ``mkcomposefs --from-file DUMP IMAGE``.
 """
 
@@ -37,11 +40,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--command", default="dump", choices=["dump", "ls", "objects"])
     parser.add_argument("--reference", help="another composefs-info binary to compare with")
+    parser.add_argument("--processes", default="auto",
+                        help="comma-separated among auto, 1, 2: how many processes dump may "
+                             "use (auto: two only when a CPU is idle)")
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for image in args.images:
-        tools = {"mkcfs": [sys.executable, "-m", "mkcfs.cli.composefs_info", args.command,
-                           image]}
+        tools = {}
+        for processes in args.processes.split(","):
+            label = "mkcfs" if processes == "auto" else f"mkcfs-{processes}p"
+            tools[label] = _mkcfs_argv(processes, args.command, image)
         if args.reference:
             tools["reference"] = [args.reference, args.command, image]
         print(f"{image} ({os.path.getsize(image) / 1e6:.1f} MB), {args.command}:")
@@ -60,14 +68,30 @@ def main() -> None:
             print(f"  {label:10s} median {wall:6.3f} s wall  {cpu:6.3f} s cpu  "
                   f"{rss / 1024:7.1f} MB peak")
         if args.reference:
-            (wall, rss, cpu), (rwall, rrss, rcpu) = medians["mkcfs"], medians["reference"]
-            print(f"  ratio      wall {wall / rwall:.2f}x  cpu {cpu / rcpu:.2f}x  "
-                  f"peak {rss / rrss:.2f}x")
-            same = (_output_digest(tools["mkcfs"], env)
-                    == _output_digest(tools["reference"], env))
-            print(f"  output     {'identical' if same else 'DIFFERENT'}")
-            if not same:
-                sys.exit(1)
+            rwall, rrss, rcpu = medians["reference"]
+            reference = _output_digest(tools["reference"], env)
+            for label in tools:
+                if label == "reference":
+                    continue
+                wall, rss, cpu = medians[label]
+                same = _output_digest(tools[label], env) == reference
+                print(f"  {label:10s} wall {wall / rwall:.2f}x  cpu {cpu / rcpu:.2f}x  "
+                      f"peak {rss / rrss:.2f}x  output {'identical' if same else 'DIFFERENT'}")
+                if not same:
+                    sys.exit(1)
+
+
+def _mkcfs_argv(processes: str, command: str, image: str) -> list[str]:
+    """composefs-info of this checkout, deciding the number of processes itself (``auto``) or
+    told whether a CPU is idle (``1``: no, ``2``: yes)."""
+    if processes == "auto":
+        return [sys.executable, "-m", "mkcfs.cli.composefs_info", command, image]
+    if processes not in ("1", "2"):
+        raise SystemExit(f"--processes: {processes!r} is not auto, 1 or 2")
+    code = ("import sys; from mkcfs import forksafe; "
+            f"forksafe.spare_cpu = lambda: {processes == '2'}; "
+            "from mkcfs.cli.composefs_info import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-c", code, command, image]
 
 
 if __name__ == "__main__":
