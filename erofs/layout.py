@@ -121,23 +121,6 @@ class InodeRecord:
 
 
 _pack_entry_header = XATTR_ENTRY.pack
-#: zero bytes that pad an entry of (suffix + value) length n to 4 bytes: _PADDING[n & 3]
-_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
-
-
-class XattrEntryInfo:
-    """One shared (key, value) pair: its encoded entry (header, name suffix, value, zero padding
-    to 4 bytes), its offset in the shared table, and its id relative to the table's start (the
-    writer adds the table's position in its block: the kernel resolves an id as
-    ``xattr_blkaddr * 4096 + id * 4``)."""
-
-    __slots__ = ("raw", "shared_offset", "rel_ref")
-
-    def __init__(self, index: int, suffix: bytes, value: bytes, shared_offset: int) -> None:
-        self.raw = (_pack_entry_header(len(suffix), index, len(value)) + suffix + value
-                    + _PADDING[(len(suffix) + len(value)) & 3])
-        self.shared_offset = shared_offset
-        self.rel_ref = (shared_offset >> 2).to_bytes(4, "little")
 
 
 class InlineEntries(dict[int, Callable[[bytes], bytes]]):
@@ -167,10 +150,13 @@ class XattrPlan:
 
     def __init__(self) -> None:
         self.key_info: dict[bytes, tuple[int, InlineEntries]] = {}
-        #: (key, value) -> its 4-byte id relative to the table (``XattrEntryInfo.rel_ref``)
+        #: (key, value) -> its 4-byte id relative to the table's start (the writer adds the
+        #: table's position in its block: the kernel resolves an id as
+        #: ``xattr_blkaddr * 4096 + id * 4``)
         self.shared: dict[tuple[bytes, bytes], bytes] = {}
-        #: the shared entries in table order
-        self.table: list[XattrEntryInfo] = []
+        #: the shared entries in table order, encoded as inline ones are (header, name suffix,
+        #: value, zero padding to 4 bytes)
+        self.table: list[bytes] = []
         #: bytes of the shared table
         self.size = 0
         #: some inode has a POSIX ACL (the header's HAS_ACL flag): set as keys are first seen,
@@ -201,10 +187,11 @@ def plan_xattrs(records: list[InodeRecord]) -> XattrPlan:
     offset = 0
     for pair in shared_pairs:
         entries = (key_info.get(pair[0]) or plan.split_key(pair[0]))[1]
-        info = XattrEntryInfo(entries.name_index, entries.suffix, pair[1], offset)
-        shared[pair] = info.rel_ref
-        offset += len(info.raw)
-        table.append(info)
+        value = pair[1]
+        raw = (entries.get(len(value)) or entries.new(len(value)))(value)
+        shared[pair] = (offset >> 2).to_bytes(4, "little")
+        offset += len(raw)
+        table.append(raw)
     plan.size = offset
     return plan
 

@@ -99,7 +99,7 @@ def emit_image(records: list[InodeRecord], table: InodeTable, xattrs: XattrPlan,
         xattr_blkaddr=inodes_end // EROFS_BLKSIZ)
 
     # --- shared xattr table, and the ids that point into it ----------------------------------
-    shared = b"".join([info.raw for info in xattrs.table])
+    shared = b"".join(xattrs.table)
     if len(shared) != xattrs.size:
         raise InternalError("shared xattr table size mismatch")
     out[inodes_end:inodes_end + len(shared)] = shared

@@ -138,7 +138,7 @@ def test_shared_xattrs_are_pairs_used_twice_sorted_descending():
     records = [_dir([(b"f", 1), (b"g", 2)], xattrs=[(b"user.b", b"2")]),
                _file(xattrs=a), _file(xattrs=[(b"user.a", b"1"), (b"user.c", b"3")])]
     xattrs = plan_xattrs(records)
-    shared = [info.raw for info in xattrs.table]
+    shared = xattrs.table
     assert len(shared) == 2                    # user.a=1 and user.b=2 appear twice, user.c once
     assert shared[0][4:5] == b"b" and shared[1][4:5] == b"a"   # sorted by key, descending
     _, image, inodes = _build(records)
