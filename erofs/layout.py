@@ -142,6 +142,22 @@ class InlineEntries(dict[int, Callable[[bytes], bytes]]):
         return pack
 
 
+class InodePackers(dict[int, Callable[..., None]]):
+    """``pack_into`` of an inode struct followed by ``n`` more bytes (its xattr body, and an
+    external file's chunk index), by ``n``: the inode and what follows it in one call."""
+
+    __slots__ = ("inode_format",)
+
+    def __init__(self, inode: struct.Struct) -> None:
+        super().__init__()
+        self.inode_format = inode.format
+
+    def new(self, n: int) -> Callable[..., None]:
+        """The packer for ``n`` bytes after the inode (remembered)."""
+        pack = self[n] = struct.Struct(f"{self.inode_format}{n}s").pack_into
+        return pack
+
+
 class XattrPlan:
     """The xattr decisions taken over all records before any inode is placed: the shared table
     and, per key seen so far, ``(filter mask, inline entries)``."""
@@ -324,7 +340,10 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
     pos = INODES_START
     block = 0                 # next data block
     # id(xattrs list) -> (its body, its number of shared refs), for lists held by several records
-    bodies: dict[int, tuple[bytes, int]] = {}
+    bodies: dict[int, tuple[bytes, int, bytes | None]] = {}
+    compact_with = InodePackers(INODE_COMPACT)
+    extended_with = InodePackers(INODE_EXTENDED)
+    body_ff: bytes | None = None
     known_body = bodies.get
     body = b""
     n_refs = 0
@@ -392,7 +411,7 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
         if rec_xattrs:
             known = known_body(id(rec_xattrs))
             if known is not None:
-                body, n_refs = known
+                body, n_refs, body_ff = known
             else:
                 name_filter = 0
                 refs: list[bytes] = []
@@ -412,10 +431,12 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                 if n_refs:
                     parts[1:1] = refs
                 body = b"".join(parts)
+                body_ff = None
                 # a list that other records hold too (the records keep it, and so its id,
                 # alive): its body is remembered; a record's own list is not (no memory spent)
                 if getrefcount(rec_xattrs) > _OWN_LIST_REFS:
-                    bodies[id(rec_xattrs)] = (body, n_refs)
+                    body_ff = body + ff4
+                    bodies[id(rec_xattrs)] = (body, n_refs, body_ff)
             xsize = len(body)
             head = (32 if compact else 64) + xsize
         else:
@@ -454,17 +475,40 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             extend_with_zeros(out, max(capacity >> 1, pos - capacity))
             capacity = len(out)
 
-        # --- the inode -------------------------------------------------------------------------
-        if compact:
-            pack_compact(out, p, datalayout << 1, (xsize - 8) >> 2 if xsize else 0, mode & _U16,
-                         rec.nlink, i_size, 0, i_u, index, rec.uid, rec.gid, 0)
-            q = p + 32
+        # --- the inode, and its xattr body (and chunk index) in the same call ------------------
+        icount = (xsize - 8) >> 2 if xsize else 0
+        if xsize:
+            if tail == 4 and datalayout == EROFS_INODE_CHUNK_BASED:
+                blob = body_ff or body + ff4
+                tail_written = True
+            else:
+                blob = body
+                tail_written = False
+            if compact:
+                packers = compact_with
+                q = p + 32
+            else:
+                packers = extended_with
+                q = p + 64
+            pack_with = packers.get(len(blob)) or packers.new(len(blob))
+            if compact:
+                pack_with(out, p, datalayout << 1, icount, mode & _U16, rec.nlink, i_size, 0,
+                          i_u, index, rec.uid, rec.gid, 0, blob)
+            else:
+                pack_with(out, p, (datalayout << 1) | 1, icount, mode & _U16, 0, i_size & _U64,
+                          i_u, index, rec.uid & _U32, rec.gid & _U32, rec.mtime_sec & _U64,
+                          rec.mtime_nsec & _U32, rec.nlink & _U32, b"", blob)
         else:
-            pack_extended(out, p, (datalayout << 1) | 1, (xsize - 8) >> 2 if xsize else 0,
-                          mode & _U16, 0, i_size & _U64, i_u, index, rec.uid & _U32,
-                          rec.gid & _U32, rec.mtime_sec & _U64, rec.mtime_nsec & _U32,
-                          rec.nlink & _U32, b"")
-            q = p + 64
+            tail_written = False
+            if compact:
+                pack_compact(out, p, datalayout << 1, 0, mode & _U16, rec.nlink, i_size, 0, i_u,
+                             index, rec.uid, rec.gid, 0)
+                q = p + 32
+            else:
+                pack_extended(out, p, (datalayout << 1) | 1, 0, mode & _U16, 0, i_size & _U64,
+                              i_u, index, rec.uid & _U32, rec.gid & _U32, rec.mtime_sec & _U64,
+                              rec.mtime_nsec & _U32, rec.nlink & _U32, b"")
+                q = p + 64
         if n_blocks:
             add_block_addr((q - 32 + I_U_COMPACT if compact else q - 64 + I_U_EXTENDED, block,
                             i_u if datalayout == EROFS_INODE_CHUNK_BASED else -1))
@@ -473,7 +517,6 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                            else rec.data[:EROFS_BLKSIZ]))  # type: ignore[index]
             block += n_blocks
         if xsize:
-            out[q:q + xsize] = body
             if n_refs:
                 ref_word = (q + 12) >> 2
                 add_shared_ref(ref_word)
@@ -484,7 +527,7 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             q += xsize
         if ftype == S_IFDIR:
             add_dir((index, q if tail else -1, tail, block - n_blocks if n_blocks else -1))
-        elif tail:
+        elif tail and not tail_written:
             if datalayout == EROFS_INODE_CHUNK_BASED:
                 out[q:q + tail] = ff4 if tail == 4 else ff[:tail]
             else:
