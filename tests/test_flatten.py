@@ -8,8 +8,8 @@ import copy
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mkcfs.build.flatten import WriteError, flatten
-from mkcfs.tree import S_IFDIR, S_IFLNK, S_IFREG, HardLink, Node
+from mkcfs.build.flatten import WriteError, choose_version, flatten
+from mkcfs.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, HardLink, Node
 
 from .strategies import trees
 
@@ -68,3 +68,34 @@ def test_errors_of_a_consumed_tree_name_the_path() -> None:
     root.children[b"again"] = sub.children[b"t"]  # type: ignore[index]
     with pytest.raises(WriteError, match="node reachable twice at /"):
         flatten(root, 1, consume=True)
+
+
+def test_version_is_raised_by_a_whiteout_anywhere_but_not_by_other_devices() -> None:
+    root, sub = _tree()
+    deep = sub.children[b"..a"]  # type: ignore[index]  # below a directory with a hard link
+    deep.children[b"dev"] = Node(S_IFCHR | 0o644, rdev=0x10001)  # type: ignore[index,union-attr]
+    assert choose_version(root, 0, 1) == 0
+    assert choose_version(root, 0, 0) == 0
+    deep.children[b"wh"] = Node(S_IFCHR | 0o644, rdev=1 << 32)  # type: ignore[index,union-attr]
+    assert choose_version(root, 0, 1) == 1    # rdev 0 in its low 32 bits: a whiteout
+    assert choose_version(root, 0, 0) == 0
+    only_link = Node(S_IFDIR | 0o755)
+    only_link.children[b"l"] = HardLink(deep.children[b"wh"])  # type: ignore[index,union-attr]
+    assert choose_version(Node(S_IFDIR | 0o755), 0, 1) == 0
+    assert choose_version(only_link, 0, 1) == 0   # a link to a whiteout is not one
+
+
+def test_duplicate_external_files_share_one_xattr_list() -> None:
+    root = Node(S_IFDIR | 0o755)
+    digest = bytes(range(32))
+    for name in (b"a", b"b", b"c"):
+        root.children[name] = Node(S_IFREG | 0o644, size=10, payload=b"ab/cd",  # type: ignore[index]
+                                   digest=digest)
+    root.children[b"d"] = Node(S_IFREG | 0o644, size=10, payload=b"ab/cd",  # type: ignore[index]
+                               digest=bytes(32))
+    records = flatten(root, 1)
+    by_name = dict(records[0].dirents or ())
+    a, b, c, d = (records[by_name[name]] for name in (b"a", b"b", b"c", b"d"))
+    assert a.xattrs is b.xattrs is c.xattrs
+    assert d.xattrs is not a.xattrs and d.xattrs[0][1].endswith(bytes(32))
+    assert a.xattrs[0][1].endswith(digest) and a.xattrs[1] == (b"trusted.overlay.redirect", b"/ab/cd")
