@@ -14,6 +14,7 @@ import struct
 import sys
 from array import array
 from itertools import accumulate, chain, repeat
+from operator import itemgetter
 
 from .errors import InternalError
 from .format import (
@@ -62,9 +63,13 @@ def _pack_dirents(out: bytearray, offset: int, dirents: list[tuple[bytes, int]],
     if packer is None:
         packer = _dirent_packers[n] = struct.Struct("<" + _DIRENT_FIELDS * n)
     names, targets = zip(*dirents)
+    if n > 1:
+        pick = itemgetter(*targets)   # one C call per table: faster than map(__getitem__)
+        target_nids, target_types = pick(nids), pick(file_types)
+    else:
+        target_nids, target_types = (nids[targets[0]],), (file_types[targets[0]],)
     packer.pack_into(out, offset, *chain.from_iterable(zip(
-        map(nids.__getitem__, targets), accumulate(map(len, names), initial=12 * n),
-        map(file_types.__getitem__, targets), repeat(0))))
+        target_nids, accumulate(map(len, names), initial=12 * n), target_types, repeat(0))))
     joined = b"".join(names)
     p = offset + 12 * n
     out[p:p + len(joined)] = joined
