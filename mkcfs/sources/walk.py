@@ -51,8 +51,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 from fsverity import object_path
 
-from mkcfs.store.digests import (DigestPool, cancelled_in_worker, run_batch_in_worker,
-                                 store_in_worker)
+from mkcfs.store.digests import (DigestPool, cancelled_in_worker, copy_results, fill_nodes,
+                                 run_batch_in_worker, store_in_worker)
 from mkcfs.store.reading import INLINE_MAX
 from mkcfs.errors import BuildInputError, WalkError, walk_error
 from mkcfs.build.overlay import XattrBudget, XattrLimitError
@@ -407,14 +407,9 @@ class _WorkerFiles:
 
     def finish(self) -> None:
         for start in range(0, len(self.files), _WORKER_BATCH):
-            for node, result in zip(self.nodes[start:start + _WORKER_BATCH], run_batch_in_worker(
-                    self.files[start:start + _WORKER_BATCH])):
-                if isinstance(result, tuple):
-                    node.digest, node.payload = result
-                else:
-                    node.content = result
-        for node, primary in self.aliases:
-            node.content, node.digest, node.payload = primary.content, primary.digest, primary.payload
+            fill_nodes(self.nodes[start:start + _WORKER_BATCH],
+                       run_batch_in_worker(self.files[start:start + _WORKER_BATCH]))
+        copy_results(self.aliases)
 
 
 #: what a worker walking part of the tree shares with the build: its options and digest cache

@@ -37,8 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.progress import Progress
 
 __all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch", "run_batch_in_worker",
-           "cancelled_in_worker", "store_in_worker",
-           "processes_usable"]
+           "fill_nodes", "copy_results", "cancelled_in_worker", "store_in_worker"]
 
 #: a batch handed to one worker holds at most this many files or bytes.
 _BATCH_FILES = 256
@@ -96,7 +95,9 @@ def _init_worker(parent: int, store_path: bytes | None, cancel: CancelFlag) -> N
     _worker_state = (store, cancel)
 
 
-def _run_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, bytes]]:
+def run_batch_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, bytes]]:
+    """``run_batch`` in a worker process, with that worker's store and cancel flag: the pool's
+    own batches, and code that a ``DigestPool.call`` runs there."""
     assert _worker_state is not None
     return run_batch(batch, *_worker_state)
 
@@ -111,10 +112,21 @@ def store_in_worker() -> ObjectStore | None:
     return None if _worker_state is None else _worker_state[0]
 
 
-def run_batch_in_worker(batch: list[tuple[bytes, int]]) -> list[bytes | tuple[bytes, bytes]]:
-    """``run_batch`` for code that a ``DigestPool.call`` runs in a worker process: with that
-    worker's store and cancel flag."""
-    return _run_in_worker(batch)
+def fill_nodes(nodes: list[Node], results: list[bytes | tuple[bytes, bytes]]) -> None:
+    """Put ``run_batch``'s results into the nodes of its files: ``content``, or ``digest`` and
+    ``payload``."""
+    for node, result in zip(nodes, results):
+        if isinstance(result, tuple):
+            node.digest, node.payload = result
+        else:
+            node.content = result
+
+
+def copy_results(aliases: list[tuple[Node, Node]]) -> None:
+    """Give each ``(node, primary)`` pair's node the results ``fill_nodes`` put in its primary
+    (another path to the same file)."""
+    for node, primary in aliases:
+        node.content, node.digest, node.payload = primary.content, primary.digest, primary.payload
 
 
 def run_batch(batch: list[tuple[bytes, int]], store: ObjectStore | None,
@@ -212,7 +224,7 @@ class DigestPool:
             raise
         self._cancel = cancel
         self._executor = executor
-        self._submit = partial(executor.submit, _run_in_worker)  # type: ignore[call-arg]
+        self._submit = partial(executor.submit, run_batch_in_worker)  # type: ignore[call-arg]
 
     def call(self, function: Callable[[T], R], argument: T) -> Future[R]:
         """Run ``function(argument)`` in a worker process (only when ``processes``): a
@@ -288,11 +300,7 @@ class DigestPool:
                 except BaseException as exc:
                     self._fail(exc)
                     break
-                for node, result in zip(nodes, results):
-                    if type(result) is tuple:
-                        node.digest, node.payload = result
-                    else:
-                        node.content = result
+                fill_nodes(nodes, results)
         finally:
             self._shutdown()
             # the results are in the nodes: free them now (the futures' callbacks refer back
@@ -301,10 +309,7 @@ class DigestPool:
         if self._error is not None:
             raise self._error
         self._prepared = self._store_to_prepare = None   # the caller closes the store
-        for node, primary in self._aliases:
-            node.content = primary.content
-            node.digest = primary.digest
-            node.payload = primary.payload
+        copy_results(self._aliases)
         self._aliases = []
 
     def abort(self) -> None:

@@ -35,7 +35,8 @@ from fsverity import object_path
 from mkcfs.inspect.objects import image_file_objects
 from mkcfs.store import lock as store_lock
 from mkcfs.store.cache import STORE_CACHE_NAME
-from mkcfs.store.digests import digest_path, processes_usable
+from mkcfs.forksafe import processes_usable
+from mkcfs.store.digests import digest_path
 from mkcfs.store.reading import Cancelled
 from mkcfs.store.layout import QUARANTINE_NAME, StoreLayout
 
