@@ -30,7 +30,7 @@ import sys
 from typing import BinaryIO, NoReturn
 from collections.abc import Callable, Sequence
 
-from mkcfs.sources.dumpfile import escape_table, escape_with
+from mkcfs.sources.dumpfile import escape, escape_table, escape_with
 from mkcfs.cli import common
 from mkcfs.errors import CfsError
 
@@ -411,7 +411,6 @@ class _Spool:
 # --- escaping as print_escaped() does ---------------------------------------------------------
 
 _LS_PATH, _LS_PATH_SAFE = escape_table(space=True)
-_STANDARD, _STANDARD_SAFE = escape_table()
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -439,10 +438,9 @@ class _Ls:
                     if ftype == S_IFDIR:
                         line += b"/\t"
                     elif ftype == S_IFLNK:
-                        line += b"\t-> " + escape_with(entry.payload or b"", _STANDARD,
-                                                        _STANDARD_SAFE)
+                        line += b"\t-> " + escape(entry.payload or b"")
                     elif ftype == S_IFREG and entry.payload is not None:
-                        line += b"\t@ " + escape_with(entry.payload, _STANDARD, _STANDARD_SAFE)
+                        line += b"\t@ " + escape(entry.payload)
                 out.append(line + b"\n")
                 if len(out) >= 4096:
                     write(b"".join(out))

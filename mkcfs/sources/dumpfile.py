@@ -200,8 +200,9 @@ def escape_table(*, equal: bool = False, space: bool = False) -> tuple[list[byte
     return table, safe
 
 
-_ESC_STD, _SAFE_STD = escape_table()
-_ESC_EQ, _SAFE_EQ = escape_table(equal=True)
+#: the bytes that print as they are (those :func:`escape` leaves alone)
+_SAFE_STD = escape_table()[1]
+_SAFE_EQ = escape_table(equal=True)[1]
 
 
 def escape_with(data: bytes, table: list[bytes], safe: bytes) -> bytes:
