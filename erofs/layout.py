@@ -339,7 +339,8 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
 
     pos = INODES_START
     block = 0                 # next data block
-    # id(xattrs list) -> (its body, its number of shared refs), for lists held by several records
+    # id(xattrs list) -> (its body, its number of shared refs, the body followed by one 0xFF
+    # chunk index), for lists held by several records
     bodies: dict[int, tuple[bytes, int, bytes | None]] = {}
     compact_with = InodePackers(INODE_COMPACT)
     extended_with = InodePackers(INODE_EXTENDED)

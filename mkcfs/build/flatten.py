@@ -135,7 +135,6 @@ def _link_targets(root: Node) -> set[int]:
     left to ``flatten``'s own check, which names their error)."""
     targets: set[int] = set()
     seen: set[int] = set()
-    get_children = attrgetter("children")
     stack = [root.children or {}]
     while stack:
         children = stack.pop()
@@ -144,7 +143,7 @@ def _link_targets(root: Node) -> set[int]:
         seen.add(id(children))
         entries = children.values()
         if list(map(type, entries)).count(Node) == len(entries):
-            stack.extend(filter(None, map(get_children, entries)))
+            stack.extend(filter(None, map(_children_of, entries)))
             continue
         for entry in entries:
             if entry.__class__ is Node:

@@ -199,12 +199,9 @@ class _Walker:
     def walk(self, stack: list[tuple[bytes, Node]]) -> None:
         """Walk the directories on ``stack`` and everything below them."""
         pool = self.pool
-        progress = self.progress
         while stack:
             path, node = stack.pop()
-            count = self.scan(path, node, stack)
-            if progress is not None:
-                progress.entries += count
+            self.count(self.scan(path, node, stack))
             if pool.failed:
                 break
 
