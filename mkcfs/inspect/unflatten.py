@@ -452,8 +452,6 @@ def dump_split(image: Image, toplevel: Iterable[bytes] | None = None,
         return None
     budget = WorkBudget(image.size)
     decode = image.inode_decoder()
-    extents_of = image.extents_of
-    dirent_columns = image.dirent_columns
     is_dir = EROFS_FT_DIR
     is_chr = EROFS_FT_CHRDEV
     #: nids met so far (a second meeting is a hard link, or a malformed image)
@@ -466,16 +464,8 @@ def dump_split(image: Image, toplevel: Iterable[bytes] | None = None,
          _mtime_nsec, _icount, xoff, xsize) = decode(nid)
         if mode & _IFMT != S_IFDIR:
             raise NeedsTree
-        names: list[bytes] = []
-        nids: list[int] = []
-        types: list[int] = []
-        for start, length in extents_of(nid, offset, layout, fsize, i_u, xoff + xsize):
-            budget.bytes(length, start)
-            block_names, block_nids, block_types = dirent_columns(start, length)
-            budget.dirents(len(block_names), start)
-            names += block_names
-            nids += block_nids
-            types += block_types
+        names, nids, types = _dir_columns(image, budget,
+                                          (nid, offset, layout, fsize, i_u, xoff + xsize))
         for special in (b".", b".."):
             if special in names:
                 i = names.index(special)
@@ -534,7 +524,7 @@ def _sorted_columns(walk: _Walk, where: _Extents) -> tuple[list[bytes], list[int
     """The names and nids of a directory's entries without ``.`` and ``..``, when they are
     stored in strictly increasing name order and every name is valid (else
     :class:`NeedsTree`)."""
-    names, nids = _dir_columns(walk, where)
+    names, nids, _types = _dir_columns(walk.image, walk.budget, where)
     if names:
         if (not all(map(_less, names, islice(names, 1, None))) or not names[0]
                 or max(map(len, names)) > _NAME_MAX):
@@ -694,40 +684,33 @@ def _add_child(children: dict, name: bytes, child: Node | HardLink | None, nid: 
 _Extents = tuple[int, int, int, int, int, int]
 
 
-def _dir_columns(walk: _Walk, where: _Extents) -> tuple[list[bytes], list[int]]:
-    """:func:`_dir_entries` as two lists: names and nids."""
-    image = walk.image
-    budget = walk.budget
+def _dir_columns(image: Image, budget: WorkBudget, where: _Extents
+                 ) -> tuple[list[bytes], list[int], list[int]]:
+    """The names, nids and dirent file types of a directory's entries (``.`` and ``..``
+    included), in stored order, each block counted on ``budget``; names cut at the first NUL
+    like C strings. A name is at most a block long, so the C reader's ``PATH_MAX - 1`` cut
+    never applies."""
     all_names: list[bytes] = []
     all_nids: list[int] = []
+    all_types: list[int] = []
     for offset, length in image.extents_of(*where):
         budget.bytes(length, offset)
-        names, nids, _types = image.dirent_columns(offset, length)
+        names, nids, types = image.dirent_columns(offset, length)
         budget.dirents(len(names), offset)
         all_names += names
         all_nids += nids
+        all_types += types
     if b"\0" in b"".join(all_names):
         # a NUL before the last name's end: some name may hold one (slow path)
         all_names = [n[:n.index(b"\0")] if b"\0" in n else n for n in all_names]
-    return all_names, all_nids
+    return all_names, all_nids, all_types
 
 
 def _dir_entries(walk: _Walk, where: _Extents) -> list[tuple[bytes, int]]:
-    """``(name, nid)`` of a directory's entries (``.`` and ``..`` included; the caller skips
-    them), names cut at the first NUL like C strings. A name is at most a block long, so the
-    C reader's ``PATH_MAX - 1`` cut never applies."""
-    image = walk.image
-    budget = walk.budget
-    result: list[tuple[bytes, int]] = []
-    for offset, length in image.extents_of(*where):
-        budget.bytes(length, offset)
-        names, nids, _types = image.dirent_columns(offset, length)
-        budget.dirents(len(names), offset)
-        if b"\0" in b"".join(names):
-            # a NUL before the last name's end: some name may hold one (slow path)
-            names = [n[:n.index(b"\0")] if b"\0" in n else n for n in names]
-        result.extend(zip(names, nids))
-    return result
+    """``(name, nid)`` of a directory's entries (:func:`_dir_columns`; the caller skips ``.``
+    and ``..``)."""
+    names, nids, _types = _dir_columns(walk.image, walk.budget, where)
+    return list(zip(names, nids))
 
 
 #: a node's fields in the order of ``Node``'s arguments: mode, nlink, uid, gid, rdev, size,
