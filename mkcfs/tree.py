@@ -14,6 +14,7 @@ Names, paths, symlink targets, payloads and xattrs are ``bytes`` (Linux file nam
 from __future__ import annotations
 
 from collections.abc import Iterator
+from operator import attrgetter
 
 # the file type bits, from their one home (POSIX's, as in ``stat``); re-exported for the tree's users
 from erofs.format import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK  # noqa: F401
@@ -121,3 +122,35 @@ def iter_tree(root: Node) -> Iterator[tuple[bytes, Entry]]:
                 break
         else:
             stack.pop()
+
+
+_children_of = attrgetter("children")
+
+
+def link_targets(root: Node) -> set[int]:
+    """The ``id()`` of every node that a hard link below ``root`` reaches. Links that reach no
+    node (a cycle, an unresolved link) are left out: the caller names their error where it
+    meets them. A directory reachable twice is walked once. Directories without hard links
+    (most) are looked at in C."""
+    targets: set[int] = set()
+    seen: set[int] = set()
+    stack = [root.children or {}]
+    while stack:
+        children = stack.pop()
+        if id(children) in seen:
+            continue
+        seen.add(id(children))
+        entries = children.values()
+        if list(map(type, entries)).count(Node) == len(entries):
+            stack.extend(filter(None, map(_children_of, entries)))
+            continue
+        for entry in entries:
+            if entry.__class__ is Node:
+                if entry.children:
+                    stack.append(entry.children)
+            else:
+                try:
+                    targets.add(id(resolve(entry)))
+                except HardLinkLoopError:
+                    pass
+    return targets

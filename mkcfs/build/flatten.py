@@ -34,6 +34,7 @@ from mkcfs.tree import (
     HardLinkLoopError,
     Node,
     iter_tree,
+    link_targets,
     resolve,
 )
 
@@ -130,33 +131,6 @@ def _path_at(records: list[InodeRecord], parents: list[int], index: int) -> str:
     return os.fsdecode(b"/" + b"/".join(reversed(names)))
 
 
-def _link_targets(root: Node) -> set[int]:
-    """The ids of the nodes that hard links below ``root`` reach (links that reach none are
-    left to ``flatten``'s own check, which names their error)."""
-    targets: set[int] = set()
-    seen: set[int] = set()
-    stack = [root.children or {}]
-    while stack:
-        children = stack.pop()
-        if id(children) in seen:
-            continue
-        seen.add(id(children))
-        entries = children.values()
-        if list(map(type, entries)).count(Node) == len(entries):
-            stack.extend(filter(None, map(_children_of, entries)))
-            continue
-        for entry in entries:
-            if entry.__class__ is Node:
-                if entry.children:
-                    stack.append(entry.children)
-            else:
-                try:
-                    targets.add(id(resolve(entry)))
-                except HardLinkLoopError:
-                    pass
-    return targets
-
-
 def _apply(xattrs: dict[bytes, bytes], additions: list[tuple[bytes, bytes]],
            where: Callable[[], str]) -> dict[bytes, bytes]:
     """``xattrs`` (never modified) plus the writer's ``additions``, in order (``where()``: the
@@ -227,7 +201,7 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
     # are dropped). A node that is not a directory is dropped from the queue as it is reached
     # and its xattrs set to _TAKEN (reached again: it is reachable twice); a directory keeps its
     # place (its xattrs may be needed at the end) and its children become None once queued.
-    targets = _link_targets(root) if consume else set()
+    targets = link_targets(root) if consume else set()
     index_of: dict[int, int] = {}
     whiteout_xattrs_of: dict[int, dict[bytes, bytes]] = {}
 

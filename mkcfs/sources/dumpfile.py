@@ -77,7 +77,7 @@ from typing import BinaryIO, Protocol
 from mkcfs.errors import DumpfileError
 from mkcfs.gcpause import gc_paused
 from mkcfs.tree import (S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, VALID_TYPES, HardLink,
-                   HardLinkLoopError, Node, iter_tree, resolve)
+                   HardLinkLoopError, Node, iter_tree, link_targets, resolve)
 
 __all__ = ["parse_dumpfile", "format_dumpfile", "write_dumpfile", "dump_blocks", "tree_records",
            "DumpRecord", "escape", "unescape", "INLINE_CONTENT_MAX"]
@@ -826,27 +826,6 @@ DumpRecord = tuple[bytes, bytes, int, int, int, int, int, int, int, int, bytes |
                    bytes | None, bytes | None, dict[bytes, bytes]]
 
 
-def _link_targets(root: Node) -> set[int]:
-    """``id()`` of every node a hard link of the tree reaches (links that do not resolve are
-    left to the printer, which names them)."""
-    targets: set[int] = set()
-    stack = [root]
-    while stack:
-        children = stack.pop().children
-        if not children:
-            continue
-        for child in children.values():
-            if isinstance(child, Node):
-                if child.children:
-                    stack.append(child)
-            else:
-                try:
-                    targets.add(id(resolve(child)))
-                except HardLinkLoopError:
-                    pass
-    return targets
-
-
 def _paths_of(root: Node, wanted: set[int]) -> dict[int, bytes]:
     """``id(node) -> path`` for the nodes in ``wanted`` (the root's path is empty, as
     ``node_build_path()`` makes it)."""
@@ -865,7 +844,7 @@ def tree_records(root: Node) -> Iterator[DumpRecord]:
     its path."""
     # Only hard-link targets need their path remembered: memory stays proportional to the
     # depth of the tree and the number of targets, not to the sum of all path lengths.
-    targets = _link_targets(root)
+    targets = link_targets(root)
     paths: dict[int, bytes] = {id(root): b""} if id(root) in targets else {}
     for path, entry in iter_tree(root):
         if isinstance(entry, HardLink):
