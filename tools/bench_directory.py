@@ -40,11 +40,10 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIRS = ["/usr/share", "/usr/lib/x86_64-linux-gnu", "/usr"]
 
 
-from benchrun import run_once  # noqa: E402  (tools/ is the script's directory)
+from benchrun import checkout_env, run_once  # noqa: E402  (tools/ is the script's directory)
 
 
 def regular_files(root: str) -> list[str]:
@@ -92,8 +91,7 @@ def main() -> int:
         if s not in ("first", "unchanged", "touched"):
             ap.error(f"unknown scenario {s}")
 
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = checkout_env()
     extra = shlex.split(opts.args)
     work = tempfile.mkdtemp(prefix="bench-dir-")
     scratch = opts.scratch or tempfile.mkdtemp(prefix="bench-dir-tree-", dir="/var/tmp")

@@ -70,7 +70,7 @@ def generate_dumpfile(entries: int, seed: int = 1) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-from benchrun import run_once  # noqa: E402  (tools/ is the script's directory)
+from benchrun import checkout_env, run_once  # noqa: E402  (tools/ is the script's directory)
 
 
 def build_in_stages(dumpfile: Path) -> None:
@@ -110,12 +110,8 @@ def bench_pair(tools: list[tuple[str, list[str], Path]], dumpfile: Path,
                runs: int) -> dict[str, tuple[float, int, float]]:
     """Median wall time and median peak RSS per tool, the tools alternating run by run (so both
     see the same machine conditions)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))   # this checkout, not an installed mkcfs
+    env = checkout_env()   # this checkout, as installed (bytecode cached)
     env.pop("CFS_PARSE_STRICT", None)
-    # Measure the tool as installed: pip byte-compiles an installed package, so its modules are
-    # never recompiled per run. An editable checkout under PYTHONDONTWRITEBYTECODE=1 would
-    # recompile ~3,000 lines on every run; let the warm-up run write the bytecode cache instead.
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
     cmds = {label: [*prefix, "--from-file", str(dumpfile), str(out)] for label, prefix, out in tools}
     for cmd in cmds.values():
         run_once(cmd, env)  # warm the page cache and bytecode caches

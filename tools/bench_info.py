@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchrun import run_once  # noqa: E402  (tools/ is the script's directory)
+from benchrun import checkout_env, run_once  # noqa: E402  (tools/ is the script's directory)
 
 
 def _output_digest(argv: list[str], env: dict[str, str]) -> str:
@@ -44,7 +44,7 @@ def main() -> None:
                         help="comma-separated among auto, 1, 2: how many processes dump may "
                              "use (auto: two only when a CPU is idle)")
     args = parser.parse_args()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = checkout_env()   # this checkout, as installed (bytecode cached)
     for image in args.images:
         tools = {}
         for processes in args.processes.split(","):

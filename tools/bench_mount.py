@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchrun import checkout_env  # tools/ is the script's directory
+
 TREE = "/usr/lib/x86_64-linux-gnu"
 
 
@@ -58,9 +59,7 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("bench_mount: needs root (it mounts)")
 
-    # the tool as installed: byte-compiled once, not on every run
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = checkout_env()   # the tool as installed: byte-compiled once, not on every run
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         image = args.image or make_image(work)

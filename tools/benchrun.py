@@ -1,6 +1,7 @@
 """What every benchmark in tools/ shares: run one command and measure it.
 
-``run_once(argv, env)`` gives ``(wall seconds, peak RSS in KiB, CPU seconds)``. The peak comes
+``checkout_env()`` is the environment that runs this checkout as installed. ``run_once(argv,
+env)`` gives ``(wall seconds, peak RSS in KiB, CPU seconds)``. The peak comes
 from GNU time (``/usr/bin/time``, Debian package ``time``) when installed: a child forked from a
 large Python process is otherwise charged that process's pages too. CPU is user + system of the
 command and every process it waited for (e.g. mkcfs's digest workers), which varies less than
@@ -16,6 +17,17 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment that runs this checkout's mkcfs as an installed package would run:
+    the checkout on ``PYTHONPATH``, and bytecode cached. pip byte-compiles an installed
+    package, so its modules are never recompiled per run; under PYTHONDONTWRITEBYTECODE=1 a
+    checkout would recompile every changed module on every run, so the variable is dropped and
+    the warm-up run writes the cache."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, float]:
