@@ -4,7 +4,7 @@
 the composefs header, the superblock, each inode with its xattr body (ibody header, shared
 ids, inline entries), its inline tail (dirents and names, file data, chunk indexes), the shared
 xattr table, the data blocks, and the padding between them (flagged when it is not zeros).
-Structures are parsed with the ``construct`` declarations of :mod:`erofs.format`, so field names
+Structures are parsed with the ``construct`` declarations of :mod:`erofs.structs`, so field names
 and meanings are the declared ones. This is a debugging tool (construct is slow); it uses
 :mod:`erofs.reader` to find the structures, so a damaged image stops the map at the first
 structure the reader refuses.
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import construct as cs
 
 from .errors import ImageFormatError
-from .format import (
-    EROFS_INODE_CHUNK_BASED,
-    EROFS_INODE_FLAT_INLINE,
-    EROFS_SUPER_OFFSET,
+from .format import (EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE, EROFS_SUPER_OFFSET, S_IFDIR, S_IFLNK,
+                     S_IFMT)
+from .reader import Image
+from .structs import (
+    STRUCT_SIZES,
     ComposefsHeader,
     ErofsDirent,
     ErofsInodeCompact,
@@ -37,12 +38,7 @@ from .format import (
     ErofsSuperBlock,
     ErofsXattrEntry,
     ErofsXattrIbodyHeader,
-    S_IFDIR,
-    S_IFLNK,
-    S_IFMT,
-    STRUCT_SIZES,
 )
-from .reader import Image
 
 __all__ = ["Region", "image_regions", "format_regions", "first_difference", "field_at",
            "field_hashes", "first_hash_difference"]

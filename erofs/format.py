@@ -1,9 +1,11 @@
-"""On-disk structures of a composefs EROFS image, declared once.
+"""On-disk format of a composefs EROFS image: constants, the ``struct`` packers, small helpers.
 
-Every structure is declared with ``construct`` (a doc string per field, kernel field names from
-``fs/erofs/erofs_fs.h`` and libcomposefs's ``lcfs-erofs.h``). Hot loops must not call construct per
-record, so ``derive_packer`` (``fsverity/cstruct.py``) turns each flat declaration into a
-``struct.Struct`` with the same layout; ``tests/erofs/test_format.py`` checks that both give the same bytes.
+The structures are declared once, with ``construct`` (a doc string per field), in
+``erofs/structs.py``; ``tools/gen_packers.py`` derives from those declarations the ``struct``
+packers of ``erofs/packers.py`` (generated, not edited) that this module names for the writer and
+the reader. ``tests/erofs/test_format.py`` checks that the generated module is current and that
+packers and declarations give the same bytes. Run time never imports ``construct``: it costs more
+than the build of a small image (see ``erofs/structs.py``).
 
 Layout of an image as mkcomposefs writes it::
 
@@ -18,14 +20,11 @@ Layout of an image as mkcomposefs writes it::
 from __future__ import annotations
 
 import mmap
-import re
 import stat
 import struct
 from typing import Any
 
-import construct as cs
-
-from fsverity.cstruct import derive_format, derive_packer  # noqa: F401  (re-exported)
+from . import packers
 
 # --- constants -------------------------------------------------------------------------------
 
@@ -119,128 +118,22 @@ LCFS_MAX_NONINLINE_CHUNKS = 1024
 EROFS_MAX_INLINE_TAIL = EROFS_BLKSIZ // 2
 
 
-# --- declarations ----------------------------------------------------------------------------
-
-ComposefsHeader = cs.Struct(
-    "magic" / cs.Int32ul * "LCFS_EROFS_MAGIC 0xd078629a",
-    "version" / cs.Int32ul * "header/EROFS layout version LCFS_EROFS_VERSION, always 1",
-    "flags" / cs.Int32ul * "LCFS_EROFS_FLAGS_*: bit 0 HAS_ACL",
-    "composefs_version" / cs.Int32ul * "format version chosen by --min/--max-version (0 or 1)",
-    "unused" / cs.Bytes(16) * "reserved, zeros",
-)
-
-ErofsSuperBlock = cs.Struct(
-    "magic" / cs.Int32ul * "EROFS_SUPER_MAGIC_V1 0xe0f5e1e2",
-    "checksum" / cs.Int32ul * "crc32c of the superblock block if SB_CHKSUM; 0 here",
-    "feature_compat" / cs.Int32ul * "EROFS_FEATURE_COMPAT_*: MTIME | XATTR_FILTER",
-    "blkszbits" / cs.Int8ul * "log2 of the block size: 12",
-    "sb_extslots" / cs.Int8ul * "superblock extension slots: 0",
-    "root_nid" / cs.Int16ul * "nid of the root directory inode",
-    "inos" / cs.Int64ul * "total number of inodes",
-    "build_time" / cs.Int64ul * "mtime seconds used by compact inodes (minimum over the tree)",
-    "build_time_nsec" / cs.Int32ul * "mtime nanoseconds used by compact inodes",
-    "blocks" / cs.Int32ul * "image size in blocks",
-    "meta_blkaddr" / cs.Int32ul * "start block of the inode table: 0 (nid = byte offset / 32)",
-    "xattr_blkaddr" / cs.Int32ul * "block holding the start of the shared xattr area",
-    "uuid" / cs.Bytes(16) * "128-bit volume uuid: zeros",
-    "volume_name" / cs.Bytes(16) * "volume name: zeros",
-    "feature_incompat" / cs.Int32ul * "EROFS_FEATURE_INCOMPAT_*: 0 as mkcomposefs writes it",
-    "available_compr_algs" / cs.Int16ul * "u1: compression algorithms (or lz4_max_distance): 0",
-    "extra_devices" / cs.Int16ul * "number of extra devices: 0",
-    "devt_slotoff" / cs.Int16ul * "start offset of the device table: 0",
-    "dirblkbits" / cs.Int8ul * "directory block size bits beyond blkszbits: 0",
-    "xattr_prefix_count" / cs.Int8ul * "number of long xattr name prefixes: 0",
-    "xattr_prefix_start" / cs.Int32ul * "start of the long prefix table: 0",
-    "packed_nid" / cs.Int64ul * "nid of the special packed inode: 0",
-    "xattr_filter_reserved" / cs.Int8ul * "reserved for the xattr name filter: 0",
-    "reserved2" / cs.Bytes(23) * "reserved, zeros",
-)
-
-ErofsInodeCompact = cs.Struct(
-    "i_format" / cs.Int16ul * "bit 0 version (0 = compact), bits 1-3 datalayout",
-    "i_xattr_icount" / cs.Int16ul * "xattr body size: 12 + 4 * (icount - 1) bytes, 0 = none",
-    "i_mode" / cs.Int16ul * "file type and permission bits",
-    "i_nlink" / cs.Int16ul * "hard link count",
-    "i_size" / cs.Int32ul * "file size (directory: dirent bytes)",
-    "i_reserved" / cs.Int32ul * "reserved: 0",
-    "i_u" / cs.Int32ul * "raw_blkaddr / rdev / chunk_info (format = chunkbits - 12)",
-    "i_ino" / cs.Int32ul * "inode number for 32-bit stat (BFS index here)",
-    "i_uid" / cs.Int16ul * "owner uid",
-    "i_gid" / cs.Int16ul * "owner gid",
-    "i_reserved2" / cs.Int32ul * "reserved: 0",
-)
-
-ErofsInodeExtended = cs.Struct(
-    "i_format" / cs.Int16ul * "bit 0 version (1 = extended), bits 1-3 datalayout",
-    "i_xattr_icount" / cs.Int16ul * "xattr body size: 12 + 4 * (icount - 1) bytes, 0 = none",
-    "i_mode" / cs.Int16ul * "file type and permission bits",
-    "i_reserved" / cs.Int16ul * "reserved: 0",
-    "i_size" / cs.Int64ul * "file size (directory: dirent bytes)",
-    "i_u" / cs.Int32ul * "raw_blkaddr / rdev / chunk_info (format = chunkbits - 12)",
-    "i_ino" / cs.Int32ul * "inode number for 32-bit stat (BFS index here)",
-    "i_uid" / cs.Int32ul * "owner uid",
-    "i_gid" / cs.Int32ul * "owner gid",
-    "i_mtime" / cs.Int64ul * "mtime seconds (two's complement if negative)",
-    "i_mtime_nsec" / cs.Int32ul * "mtime nanoseconds",
-    "i_nlink" / cs.Int32ul * "hard link count",
-    "i_reserved2" / cs.Bytes(16) * "reserved, zeros",
-)
-
-ErofsXattrIbodyHeader = cs.Struct(
-    "h_name_filter" / cs.Int32ul
-    * "bloom filter: bit (xxh32(suffix, seed + index) & 31) clear = may be present",
-    "h_shared_count" / cs.Int8ul * "number of shared xattr ids that follow the header",
-    "h_reserved2" / cs.Bytes(7) * "reserved, zeros",
-)
-
-ErofsXattrEntry = cs.Struct(
-    "e_name_len" / cs.Int8ul * "length of the name suffix (prefix given by e_name_index)",
-    "e_name_index" / cs.Int8ul * "EROFS_XATTR_INDEX_*: which prefix the suffix follows",
-    "e_value_size" / cs.Int16ul * "value length; name and value follow, padded to 4 bytes",
-)
-
-ErofsDirent = cs.Struct(
-    "nid" / cs.Int64ul * "node number of the target inode",
-    "nameoff" / cs.Int16ul * "offset of the name from the start of the block (or inline chunk)",
-    "file_type" / cs.Int8ul * "EROFS_FT_* of the target",
-    "reserved" / cs.Int8ul * "reserved: 0",
-)
-
-#: struct name -> (declaration, expected size), the sizes the kernel header asserts.
-STRUCT_SIZES: dict[str, tuple[cs.Struct, int]] = {
-    "composefs_header": (ComposefsHeader, 32),
-    "erofs_super_block": (ErofsSuperBlock, 128),
-    "erofs_inode_compact": (ErofsInodeCompact, 32),
-    "erofs_inode_extended": (ErofsInodeExtended, 64),
-    "erofs_xattr_ibody_header": (ErofsXattrIbodyHeader, 12),
-    "erofs_xattr_entry": (ErofsXattrEntry, 4),
-    "erofs_dirent": (ErofsDirent, 12),
-}
-
-
-# --- fast packers ----------------------------------------------------------------------------
-
-def check_layout() -> None:
-    """Assert every structure has the size the kernel and libcomposefs expect."""
-    for name, (declaration, size) in STRUCT_SIZES.items():
-        if declaration.sizeof() != size or derive_packer(declaration).size != size:
-            raise AssertionError(f"{name}: size {declaration.sizeof()} != {size}")
-
+# --- packers ----------------------------------------------------------------------------------
 
 class NamedPacker:
-    """A derived packer addressed by field name, for structures written or read once per image
-    (header, superblock): no reader has to count 24 positional values. Fields not given pack
-    as zero; ``unpack_from`` gives a dict keyed by the declared field names."""
+    """A packer addressed by field name, for structures written or read once per image (header,
+    superblock): no reader has to count 24 positional values. Fields not given pack as zero;
+    ``unpack_from`` gives a dict keyed by the declared field names."""
 
-    __slots__ = ("declaration", "packer", "names", "size", "_zero")
+    __slots__ = ("name", "packer", "names", "size", "_zero")
 
-    def __init__(self, declaration: cs.Struct) -> None:
-        self.declaration = declaration
-        self.packer = derive_packer(declaration)
-        self.size = self.packer.size
-        self.names: tuple[str, ...] = tuple(sub.name for sub in declaration.subcons)
-        self._zero = {name: (b"" if fmt.endswith("s") else 0) for name, fmt in
-                      zip(self.names, _field_formats(declaration))}
+    def __init__(self, name: str, packer: struct.Struct, fields: dict[str, int]) -> None:
+        self.name = name
+        self.packer = packer
+        self.size = packer.size
+        self.names: tuple[str, ...] = tuple(fields)
+        # zeros for integers, NUL strings for byte fields (packing b"" there writes the same)
+        self._zero = dict(zip(self.names, packer.unpack(bytes(packer.size))))
 
     def pack_into(self, buffer: bytearray, offset: int, **fields: int | bytes) -> None:
         unknown = set(fields) - set(self._zero)
@@ -259,21 +152,20 @@ class NamedPacker:
         return dict(zip(self.names, self.packer.unpack_from(buffer, offset)))
 
 
-def _field_formats(declaration: cs.Struct) -> list[str]:
-    """The ``struct`` code of each field (see ``derive_format``)."""
-    fmt = derive_format(declaration)[1:]
-    return re.findall(r"\d*[a-zA-Z]", fmt)
-
-
 #: header and superblock: written and read once per image, by field name
-COMPOSEFS_HEADER = NamedPacker(ComposefsHeader)
-SUPER_BLOCK = NamedPacker(ErofsSuperBlock)
-INODE_COMPACT = derive_packer(ErofsInodeCompact)
-INODE_EXTENDED = derive_packer(ErofsInodeExtended)
-XATTR_IBODY_HEADER = derive_packer(ErofsXattrIbodyHeader)
-XATTR_ENTRY = derive_packer(ErofsXattrEntry)
-DIRENT = derive_packer(ErofsDirent)
-check_layout()
+COMPOSEFS_HEADER = NamedPacker("composefs_header", packers.COMPOSEFS_HEADER,
+                               packers.COMPOSEFS_HEADER_FIELDS)
+SUPER_BLOCK = NamedPacker("erofs_super_block", packers.EROFS_SUPER_BLOCK,
+                          packers.EROFS_SUPER_BLOCK_FIELDS)
+#: the per-record structures: positional packers, fields in declaration order
+INODE_COMPACT = packers.EROFS_INODE_COMPACT
+INODE_EXTENDED = packers.EROFS_INODE_EXTENDED
+XATTR_IBODY_HEADER = packers.EROFS_XATTR_IBODY_HEADER
+XATTR_ENTRY = packers.EROFS_XATTR_ENTRY
+DIRENT = packers.EROFS_DIRENT
+#: field name -> byte offset, of the inodes (for fields patched in place)
+INODE_COMPACT_FIELDS = packers.EROFS_INODE_COMPACT_FIELDS
+INODE_EXTENDED_FIELDS = packers.EROFS_INODE_EXTENDED_FIELDS
 
 
 # --- small pure helpers shared by writer and reader --------------------------------------------

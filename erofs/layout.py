@@ -42,7 +42,6 @@ from collections import Counter
 from bisect import bisect_right
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 
@@ -63,14 +62,14 @@ from .format import (
     EROFS_MAX_INLINE_TAIL,
     EROFS_SUPER_OFFSET,
     INODE_COMPACT,
+    INODE_COMPACT_FIELDS,
     INODE_EXTENDED,
+    INODE_EXTENDED_FIELDS,
     LCFS_MAX_NONINLINE_CHUNKS,
     LCFS_MAX_SHARED_XATTRS,
     SUPER_BLOCK,
     XATTR_ENTRY,
     XATTR_IBODY_HEADER,
-    ErofsInodeCompact,
-    ErofsInodeExtended,
     xattr_filter_bit,
     xattr_prefix_split,
 )
@@ -243,19 +242,9 @@ _name_of = itemgetter(0)
 _plus_dirent = (12).__add__
 
 
-def _field_offset(declaration: Any, name: str) -> int:
-    """Byte offset of field ``name`` in a flat construct declaration."""
-    offset = 0
-    for field in declaration.subcons:
-        if field.name == name:
-            return offset
-        offset += field.sizeof()
-    raise KeyError(name)
-
-
 #: where ``i_u`` is in a compact and in an extended inode
-I_U_COMPACT = _field_offset(ErofsInodeCompact, "i_u")
-I_U_EXTENDED = _field_offset(ErofsInodeExtended, "i_u")
+I_U_COMPACT = INODE_COMPACT_FIELDS["i_u"]
+I_U_EXTENDED = INODE_EXTENDED_FIELDS["i_u"]
 #: dirent file type by ``mode >> 12``
 _FILE_TYPES = [{S_IFREG: EROFS_FT_REG_FILE, S_IFDIR: EROFS_FT_DIR, S_IFCHR: EROFS_FT_CHRDEV,
                 S_IFBLK: EROFS_FT_BLKDEV, S_IFIFO: EROFS_FT_FIFO, S_IFSOCK: EROFS_FT_SOCK,

@@ -1,7 +1,13 @@
 """The construct declarations and the struct packers derived from them must agree byte for byte
-(the EROFS structures of ``erofs/format.py`` and the fs-verity ones of ``fsverity/format.py``)."""
+(the EROFS structures of ``erofs/structs.py`` and the fs-verity ones of ``fsverity/structs.py``),
+and the generated packer modules (``erofs/packers.py``, ``fsverity/packers.py``) must be what
+``tools/gen_packers.py`` writes from the declarations today."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import construct as cs
 import pytest
@@ -9,9 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from erofs import format as fmt
+from erofs import structs
 from fsverity import format as vfmt
+from fsverity import structs as vstructs
+from fsverity.cstruct import field_offsets, render_packers
 
-SIZES = {**fmt.STRUCT_SIZES, **vfmt.STRUCT_SIZES}
+REPO = Path(__file__).resolve().parents[2]
+SIZES = {**structs.STRUCT_SIZES, **vstructs.STRUCT_SIZES}
 DECLS = {name: decl for name, (decl, _) in SIZES.items()}
 PACKERS = {
     "composefs_header": fmt.COMPOSEFS_HEADER.packer,
@@ -39,8 +49,49 @@ def _field_strategy(field):
     return st.binary(min_size=leaf.length, max_size=leaf.length)
 
 
+@pytest.mark.parametrize("module", [structs, vstructs], ids=lambda m: m.__name__)
+def test_generated_packers_are_current(module):
+    path = REPO / module.__name__.rpartition(".")[0] / "packers.py"
+    assert path.read_text() == render_packers(module), \
+        f"{path.name} is stale: run python3 tools/gen_packers.py"
+
+
+def test_gen_packers_check_fails_on_a_stale_file(tmp_path):
+    # the tool itself, on a copy of the checkout whose erofs/packers.py was edited by hand
+    for package in ("erofs", "fsverity"):
+        (tmp_path / package).mkdir()
+        for path in (REPO / package).glob("*.py"):
+            (tmp_path / package / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "gen_packers.py").write_bytes((REPO / "tools" / "gen_packers.py").read_bytes())
+    tool = [sys.executable, str(tmp_path / "tools" / "gen_packers.py")]
+    assert subprocess.run([*tool, "--check"], capture_output=True).returncode == 0
+    packers = tmp_path / "erofs" / "packers.py"
+    packers.write_text(packers.read_text().replace('"i_u": 16', '"i_u": 20'))
+    check = subprocess.run([*tool, "--check"], capture_output=True, text=True)
+    assert check.returncode == 1 and "erofs/packers.py is stale" in check.stderr
+    assert subprocess.run(tool, capture_output=True).returncode == 0
+    assert packers.read_text() == (REPO / "erofs" / "packers.py").read_text()
+
+
+def test_runtime_modules_do_not_import_construct():
+    # the commands' modules use the generated packers only: construct is for build and test time
+    code = ("import sys, erofs.format, erofs.layout, erofs.writer, erofs.reader, fsverity.format, "
+            "fsverity.merkle, fsverity.kernel; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] == 'construct' or m.endswith('.structs') or m.endswith('cstruct')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_field_offsets_follow_the_declaration():
+    assert fmt.INODE_COMPACT_FIELDS == field_offsets(structs.ErofsInodeCompact)
+    assert fmt.INODE_COMPACT_FIELDS["i_u"] == 16 and fmt.INODE_EXTENDED_FIELDS["i_u"] == 16
+    assert fmt.SUPER_BLOCK.names == tuple(field_offsets(structs.ErofsSuperBlock))
+
+
 def test_sizes_match_kernel():
-    fmt.check_layout()
+    structs.check_layout()
     for name, (decl, size) in SIZES.items():
         assert decl.sizeof() == size
         assert PACKERS[name].size == size
@@ -68,10 +119,10 @@ def test_packer_equals_construct(name, data):
     assert [parsed[f.name] for f in decl.subcons] == list(PACKERS[name].unpack(got))
 
 
-@pytest.mark.parametrize("named", [fmt.COMPOSEFS_HEADER, fmt.SUPER_BLOCK])
+@pytest.mark.parametrize("named", [fmt.COMPOSEFS_HEADER, fmt.SUPER_BLOCK], ids=lambda n: n.name)
 @given(data=st.data())
 def test_named_packer_equals_construct(named, data):
-    decl = named.declaration
+    decl = DECLS[named.name]
     values = {f.name: data.draw(_field_strategy(f)) for f in decl.subcons}
     # a random subset given by name; the rest must pack as zeros
     given_names = data.draw(st.sets(st.sampled_from([f.name for f in decl.subcons])))

@@ -7,19 +7,20 @@ import hashlib
 
 from fsverity import digest_bytes
 from fsverity import format as vfmt
+from fsverity import structs as vstructs
 from fsverity.merkle import FsVerityHasher
 
 
 def test_descriptor_matches_the_declaration():
     root = hashlib.sha256(b"root").digest()
-    expected = vfmt.FsVerityDescriptor.build(dict(
+    expected = vstructs.FsVerityDescriptor.build(dict(
         version=1, hash_algorithm=1, log_blocksize=12, salt_size=0, sig_size=0,
         data_size=123456789, root_hash=root + bytes(32), salt=bytes(32), reserved=bytes(144)))
     assert vfmt.descriptor(123456789, root) == expected
 
 
 def test_enable_arg_matches_the_declaration():
-    expected = vfmt.FsVerityEnableArg.build(dict(
+    expected = vstructs.FsVerityEnableArg.build(dict(
         version=1, hash_algorithm=1, block_size=4096, salt_size=0, salt_ptr=0, sig_size=0,
         reserved1=0, sig_ptr=0, reserved2=bytes(88)))
     assert vfmt.enable_arg() == expected and len(expected) == 128
