@@ -1,8 +1,6 @@
 """``python -m mkcfs`` runs the ``mkcfs`` command group (``python -m mkcfs.cli.mkcomposefs`` runs
 ``mkcomposefs``)."""
 
-import sys
+from mkcfs.cli.mkcfs import console
 
-from mkcfs.cli.mkcfs import main
-
-sys.exit(main())
+console()

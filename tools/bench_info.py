@@ -90,7 +90,7 @@ def _mkcfs_argv(processes: str, command: str, image: str) -> list[str]:
         raise SystemExit(f"--processes: {processes!r} is not auto, 1 or 2")
     code = ("import sys; from mkcfs import forksafe; "
             f"forksafe.spare_cpu = lambda: {processes == '2'}; "
-            "from mkcfs.cli.composefs_info import main; sys.exit(main(sys.argv[1:]))")
+            "from mkcfs.cli.composefs_info import console; console()")
     return [sys.executable, "-c", code, command, image]
 
 

@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 import sys
+from typing import NoReturn
 from collections.abc import Sequence
 
 from mkcfs.errors import CfsError
@@ -110,5 +111,10 @@ def _write(path: str, data: bytes | bytearray) -> None:
         common.fail("cannot write file", exc.errno or errno.EIO)
 
 
+def console() -> NoReturn:
+    """The installed command (and ``python -m``): ``main()``, then a fast exit on success."""
+    common.console(PROG, main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

@@ -518,5 +518,10 @@ def _measure_files(paths: list[str]) -> int:
     return 0
 
 
+def console() -> NoReturn:
+    """The installed command (and ``python -m``): ``main()``, then a fast exit on success."""
+    common.console(PROG, main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

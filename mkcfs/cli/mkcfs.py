@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 from collections.abc import Sequence
 
 from mkcfs.cli import common
@@ -83,5 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def console() -> NoReturn:
+    """The installed command (and ``python -m``): ``main()``, then a fast exit on success."""
+    common.console(PROG, main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

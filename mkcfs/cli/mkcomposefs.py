@@ -246,5 +246,10 @@ def _hold_store(path: str) -> contextlib.ExitStack:
     return held
 
 
+def console() -> NoReturn:
+    """The installed command (and ``python -m``): ``main()``, then a fast exit on success."""
+    common.console(PROG, main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

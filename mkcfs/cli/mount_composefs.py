@@ -130,5 +130,10 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def console() -> NoReturn:
+    """The installed command (and ``python -m``): ``main()``, then a fast exit on success."""
+    common.console(PROG, main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()
