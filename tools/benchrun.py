@@ -30,13 +30,15 @@ def checkout_env() -> dict[str, str]:
     return env
 
 
-def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, float]:
-    """``(wall seconds, peak RSS in KiB, CPU seconds)`` of one run of ``argv`` in the checkout;
-    a failing command ends the benchmark with its status and error output."""
+def run_once(argv: list[str], env: dict[str, str] | None = None,
+             cwd: str = REPO) -> tuple[float, int, float]:
+    """``(wall seconds, peak RSS in KiB, CPU seconds)`` of one run of ``argv`` in the checkout
+    (``cwd``: another one, whose modules ``python -m`` then finds first); a failing command
+    ends the benchmark with its status and error output."""
     if GNU_TIME:
         argv = [GNU_TIME, "-f", "%M", *argv]
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
