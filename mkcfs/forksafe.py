@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
-__all__ = ["processes_usable", "spare_cpu"]
+__all__ = ["only_thread", "processes_usable", "spare_cpu"]
+
+
+def only_thread() -> bool:
+    """Whether this process runs no thread but the calling one. A process that never imported
+    ``threading`` started none (the tools that run no threads do not import it: ~1 ms)."""
+    threading = sys.modules.get("threading")
+    return threading is None or threading.active_count() == 1
 
 
 def processes_usable() -> bool:
@@ -16,7 +22,7 @@ def processes_usable() -> bool:
     copies the locks other threads hold (in OpenSSL, in stdio...), and a fork server or spawn
     would import the caller's ``__main__`` again. The environment variable
     ``MKCFS_DIGEST_THREADS`` turns forking off."""
-    return (sys.platform.startswith("linux") and threading.active_count() == 1
+    return (sys.platform.startswith("linux") and only_thread()
             and os.environ.get("MKCFS_DIGEST_THREADS") is None)
 
 

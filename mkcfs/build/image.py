@@ -8,8 +8,8 @@ mkcomposefs 1.0.8 for the same tree and version options. The image is put in pla
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 from collections.abc import Callable
+from typing import NamedTuple
 
 from erofs.errors import LayoutError
 from erofs.writer import build_image as _emit
@@ -22,8 +22,7 @@ DEFAULT_MIN_VERSION = 0
 DEFAULT_MAX_VERSION = 1
 
 
-@dataclass(frozen=True, slots=True)
-class BuiltImage:
+class BuiltImage(NamedTuple):
     """An image and the format version it was written with."""
 
     data: bytes | bytearray

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from erofs.errors import ImageFormatError, InternalError
 
 from mkcfs.errors import CfsError
+from mkcfs.forksafe import only_thread
 from mkcfs.gcpause import gc_paused
 
 
@@ -284,16 +285,10 @@ def console(prog: str, main: Callable[[], int]) -> NoReturn:
     1), never with status 0. Any other case exits normally. Only the console entry points and
     ``python -m`` call this; ``main(argv)`` called in-process (the tests) returns its status."""
     status = main()
-    if status == 0 and _only_thread():
+    if status == 0 and only_thread():   # else the interpreter must wait for the others
         atexit._run_exitfuncs()   # what the interpreter runs at exit, before its teardown
         os._exit(_flush_std_streams(prog))
     sys.exit(status)
-
-
-def _only_thread() -> bool:
-    """Whether no thread but this one runs (the interpreter would wait for the others)."""
-    threading = sys.modules.get("threading")
-    return threading is None or threading.active_count() == 1
 
 
 def _flush_std_streams(prog: str) -> int:

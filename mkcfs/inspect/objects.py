@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from erofs.reader import Image
 
@@ -29,8 +29,7 @@ __all__ = ["ObjectRef", "tree_objects", "image_objects", "image_file_objects", "
            "missing_objects"]
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectRef:
+class ObjectRef(NamedTuple):
     """One backing object named by an image."""
 
     #: the backing path relative to the store, as stored (e.g. ``b"ab/cdef…"``)

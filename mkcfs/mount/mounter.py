@@ -11,17 +11,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import gzip
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 
 from erofs.errors import ImageFormatError
 from erofs.format import LCFS_EROFS_FLAGS_HAS_ACL
 from erofs.reader import HEADER_AREA_SIZE, read_header, read_superblock
-from fsverity import FsVerityHasher
 
 from mkcfs.mount.kernel import (
     _CLONE_NEWNS,
@@ -56,6 +53,8 @@ def kernel_has_fsverity() -> bool:
 
     Asks /proc/config.gz, then /boot/config-$(uname -r), then /proc/kallsyms; when none of them
     can tell, assumes yes (and lets the kernel decide, as upstream does)."""
+    import gzip   # here: only this check reads a compressed file
+
     release = os.uname().release
     for path, opener in (("/proc/config.gz", gzip.open), (f"/boot/config-{release}", open)):
         try:
@@ -78,6 +77,8 @@ def kernel_has_fsverity() -> bool:
 
 def _measure_userspace(fd: int) -> bytes:
     """The fs-verity digest of everything readable from ``fd`` (read with pread from 0)."""
+    from fsverity import FsVerityHasher   # here: hashlib costs ~10 ms to import, most mounts hash nothing
+
     hasher = FsVerityHasher()
     buf = bytearray(1 << 20)
     offset = 0
@@ -261,6 +262,8 @@ class _Mounter:
         self._attached(path)
 
     def _temp_dir(self) -> str:
+        import tempfile   # here: only the legacy mount paths need a directory
+
         base = "/run" if os.path.isdir("/run") and os.access("/run", os.W_OK) \
             else tempfile.gettempdir()
         path = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=base)

@@ -19,7 +19,7 @@ PATH. An empty REF (``oci:dir:``) is no REF.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from mkcfs.errors import BuildInputError
 
@@ -29,8 +29,7 @@ __all__ = ["ImageSource", "parse_source", "is_image_source", "TRANSPORTS"]
 TRANSPORTS = ("oci", "oci-archive", "docker-archive", "tar")
 
 
-@dataclass(frozen=True, slots=True)
-class ImageSource:
+class ImageSource(NamedTuple):
     """A parsed source: ``transport`` (one of ``TRANSPORTS``), ``path`` and ``ref`` (None when
     not given); for ``tar`` the layer files in order in ``layers`` (``-`` = stdin)."""
 

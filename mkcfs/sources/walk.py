@@ -46,8 +46,7 @@ import marshal
 import os
 import stat
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, wait
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from fsverity import object_path
 
@@ -85,8 +84,7 @@ _JOB_ENTRIES = 3000
 _WORKER_BATCH = 256
 
 
-@dataclass(frozen=True, slots=True)
-class WalkOptions:
+class WalkOptions(NamedTuple):
     """What ``walk_directory`` reads (the mkcomposefs options of the same names).
 
     ``threads``: workers reading and hashing files (None: the CPUs this process may run on;
