@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import multiprocessing
 import os
 import socket
 import stat
@@ -20,10 +21,10 @@ from hypothesis import strategies as st
 import fsverity
 from mkcfs.store import digests, reading
 from mkcfs.errors import BuildInputError, WalkError
-from mkcfs.build.image import build_image
+from mkcfs.build.image import build_image, build_image_from
 from mkcfs.progress import Progress
 from mkcfs.tree import HardLink, Node, iter_tree, resolve
-from mkcfs.sources.walk import WalkOptions, walk_directory
+from mkcfs.sources.walk import WalkOptions, start_walk, walk_directory
 
 from .privileges import CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, drop_capabilities, run_forked
 
@@ -525,6 +526,66 @@ def test_pool_error_stops_early_and_aliases(tmp_path):
     pool.add(os.fsencode(src / "missing"), Node(stat.S_IFREG | 0o644, size=1000))
     with pytest.raises(WalkError, match="missing: No such file"):
         pool.finish()
+
+
+# -- a tree in progress: flattened while its files are read -------------------------------------
+
+@pytest.mark.parametrize("options", [
+    WalkOptions(progress=False), WalkOptions(threads=1, progress=False),
+    WalkOptions(hardlinks=True, progress=False), WalkOptions(skip_xattrs=True, progress=False)],
+    ids=["default", "one-thread", "hardlinks", "skip-xattrs"])
+def test_tree_in_progress_builds_the_walked_tree_image(linked, options):
+    # duplicate contents (shared xattrs), hard links read once (aliases), inline, empty files
+    write(linked / "a" / "same-as-file", (linked / "b" / "file").read_bytes())
+    write(linked / "a" / "same-as-small", b"tiny")
+    expected = image(walk_directory(linked, options))
+    for version in ((0, 1), (1, 1)):
+        built = build_image_from(lambda: start_walk(linked, options),
+                                 min_version=version[0], max_version=version[1])
+        assert bytes(built.data) == image(walk_directory(linked, options),
+                                          min_version=version[0], max_version=version[1])
+    assert bytes(build_image_from(lambda: start_walk(linked, options)).data) == expected
+
+
+def test_tree_in_progress_a_read_error_is_reported_before_a_flatten_error(tree, monkeypatch):
+    from mkcfs.build import image as image_module
+    from mkcfs.build.flatten import WriteError
+    real_open, real_flatten = reading.open_source, image_module.flatten
+    target = os.fsencode(tree / "big")
+
+    def failing_open(path):
+        if path == target:
+            raise reading.walk_error("error computing digest of", path, "injected")
+        return real_open(path)
+
+    def failing_flatten(*args, **kwargs):
+        real_flatten(*args, **kwargs)
+        raise WriteError(errno.EINVAL, "injected")
+    monkeypatch.setattr(digests, "open_source", failing_open)
+    monkeypatch.setattr(image_module, "flatten", failing_flatten)
+    with pytest.raises(WalkError, match=r"^error computing digest of .*big: injected$"):
+        build_image_from(lambda: start_walk(tree, WalkOptions(threads=2, progress=False)))
+    monkeypatch.setattr(digests, "open_source", real_open)   # no read error: flatten's
+    with pytest.raises(WriteError, match="injected"):
+        build_image_from(lambda: start_walk(tree, WalkOptions(threads=2, progress=False)))
+    assert not multiprocessing.active_children()
+
+
+def test_tree_in_progress_is_aborted_when_interrupted(tree, monkeypatch):
+    from mkcfs.build import image as image_module
+    started = []
+
+    def walk():
+        started.append(start_walk(tree, WalkOptions(threads=2, progress=False)))
+        return started[0]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(image_module, "flatten", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_image_from(walk)
+    assert not multiprocessing.active_children()   # the workers are gone
+    started[0].wait()   # nothing left to wait for: it was aborted
 
 
 # -- progress -----------------------------------------------------------------------------------

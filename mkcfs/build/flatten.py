@@ -154,12 +154,73 @@ def _apply(xattrs: dict[bytes, bytes], additions: list[tuple[bytes, bytes]],
     return result
 
 
-def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRecord]:
+#: a regular file whose contents are not read yet (``flatten``'s ``late``): its record, made
+#: without them, and its node, which gets them later
+LateFile = tuple[InodeRecord, Node]
+
+
+_METACOPY, _REDIRECT = overlay.METACOPY, overlay.REDIRECT
+#: the metacopy xattr value without its digest
+_METACOPY_HEAD = overlay.metacopy_value(b"\0" * 32)[:-32]
+
+
+class _ExternalAdds:
+    """The overlay xattrs the writer adds to external files (metacopy with the digest, redirect
+    to the payload). Files with the same digest and payload share one list (and so one pair
+    object per xattr): the writer then compares and packs them by identity."""
+
+    __slots__ = ("by_payload",)
+
+    def __init__(self) -> None:
+        #: payload -> the list of the last file with it
+        self.by_payload: dict[bytes, list[tuple[bytes, bytes]]] = {}
+
+    def of(self, node: Node) -> list[tuple[bytes, bytes]]:
+        # trusted.overlay.* keys of the source were escaped, so these are always new keys (no
+        # accounting can fail): they are added directly
+        digest = node.digest
+        metacopy_data = b"" if digest is None else _METACOPY_HEAD + digest
+        payload = node.payload
+        if not payload:
+            return [(_METACOPY, metacopy_data)]
+        adds = self.by_payload.get(payload)
+        if adds is None or adds[0][1] != metacopy_data:
+            adds = [(_METACOPY, metacopy_data), (_REDIRECT, b"/" + payload)]
+            if len(self.by_payload) < _MAX_INTERNED:
+                self.by_payload[payload] = adds
+        return adds
+
+
+def fill_late_files(late: list[LateFile]) -> None:
+    """Complete the records of ``flatten``'s late files, whose nodes now have their contents
+    (as ``flatten`` would have made them); ``late`` is emptied."""
+    adds_of = _ExternalAdds().of
+    late.reverse()
+    while late:   # each node goes once its record is made: its memory is reused
+        record, node = late.pop()
+        content = node.content
+        if content:
+            record.size = len(content)
+            record.data = content
+            continue
+        adds = adds_of(node)
+        xlist = record.xattrs
+        # METACOPY < REDIRECT: without xattrs of its own the list is in order already
+        record.xattrs = sorted(xlist + adds) if xlist else adds
+        record.external = True
+
+
+def flatten(root: Node, version: int, *, consume: bool = False,
+            late: list[LateFile] | None = None) -> list[InodeRecord]:
     """Inode records in BFS order (record 0 is the root) for writing ``root`` at ``version``.
 
     ``consume``: the tree is nobody else's and is taken apart while it is flattened (each
     directory's children are dropped once queued, each file once its record is made), so its
-    memory is reused for the records instead of adding to them; the tree is left unusable."""
+    memory is reused for the records instead of adding to them; the tree is left unusable.
+
+    ``late``: the regular files larger than 0 bytes may not have their contents yet (a walk
+    still reading them: ``mkcfs.sources.walk.start_walk``); their records are made without
+    and listed in ``late`` with their nodes, for ``fill_late_files`` once they have them."""
     if not root.is_dir():
         raise WriteError(errno.ENOTDIR, "the root must be a directory")
     # the queue grows while it is walked (breadth first): a directory appends its children, whose
@@ -183,17 +244,13 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
                    root.mtime_nsec, xattrs=whiteout_xattrs)
         for name in _ROOT_WHITEOUT_NAMES if name not in root_children}
     synthetic = {id(node) for node in root_whiteouts.values()}
-    metacopy_head = overlay.metacopy_value(b"\0" * 32)[:-32]
-    METACOPY, REDIRECT = overlay.METACOPY, overlay.REDIRECT
     append_record = records.append
     queue_extend = queue.extend
     parents_extend = parents.extend
     # id(xattrs dict) -> (dict, its sorted escaped items): nodes that share one xattrs dict (a
     # parsed dumpfile's labels) share the list too; the entry keeps the dict, and so its id
     sorted_lists: dict[int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]] = {}
-    # payload -> the xattrs of the last external file without xattrs of its own with it
-    external_adds: dict[bytes, list[tuple[bytes, bytes]]] = {}
-    adds_of = external_adds.get
+    adds_of = _ExternalAdds().of
     Node_, Record = Node, InodeRecord
     S_IFMT_, S_IFDIR_, S_IFREG_, S_IFLNK_, S_IFCHR_ = S_IFMT, S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR
 
@@ -233,29 +290,22 @@ def flatten(root: Node, version: int, *, consume: bool = False) -> list[InodeRec
         if ftype == S_IFREG_:
             content = node.content
             size = node.size
+            if (size > _MAX_SINGLE_CHUNK_SIZE and not content
+                    and chunk_params(size)[1] > LCFS_MAX_NONINLINE_CHUNKS):
+                raise WriteError(errno.EFBIG, _path_at(records, parents, index))  # not inline
+            if late is not None and size > 0:
+                record = Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
+                                node.mtime_sec, node.mtime_nsec, xlist, None, None, False)
+                append_record(record)
+                late.append((record, node))
+                continue
             if content:
                 append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev,
                                      len(content), node.mtime_sec, node.mtime_nsec, xlist, None,
                                      content, False))
                 continue
             if size > 0:
-                if size > _MAX_SINGLE_CHUNK_SIZE and chunk_params(size)[1] > LCFS_MAX_NONINLINE_CHUNKS:
-                    raise WriteError(errno.EFBIG, _path_at(records, parents, index))
-                # trusted.overlay.* keys of the source were escaped, so these are always new
-                # keys (no accounting can fail): add them directly
-                digest = node.digest
-                metacopy_data = b"" if digest is None else metacopy_head + digest
-                payload = node.payload
-                if payload:
-                    # files with the same digest and payload share one list (and so one pair
-                    # object per xattr): the writer then compares and packs them by identity
-                    adds = adds_of(payload)
-                    if adds is None or adds[0][1] != metacopy_data:
-                        adds = [(METACOPY, metacopy_data), (REDIRECT, b"/" + payload)]
-                        if len(external_adds) < _MAX_INTERNED:
-                            external_adds[payload] = adds
-                else:
-                    adds = [(METACOPY, metacopy_data)]
+                adds = adds_of(node)
                 # METACOPY < REDIRECT: without xattrs of its own the list is in order already
                 append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
                                      node.mtime_sec, node.mtime_nsec,

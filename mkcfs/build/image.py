@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from erofs.errors import LayoutError
 from erofs.writer import build_image as _emit
 
 from mkcfs.gcpause import gc_paused
-from mkcfs.build.flatten import WriteError, choose_version, flatten
+from mkcfs.build.flatten import LateFile, WriteError, choose_version, fill_late_files, flatten
 from mkcfs.tree import Node
 
 DEFAULT_MIN_VERSION = 0
@@ -41,26 +41,62 @@ def build_image(root: Node, *, min_version: int = DEFAULT_MIN_VERSION,
     return _build([root], min_version, max_version, consume=False)
 
 
-def build_image_from(load_tree: Callable[[], Node], *, min_version: int = DEFAULT_MIN_VERSION,
+def build_image_from(load_tree: Callable[[], Node | TreeInProgress], *,
+                     min_version: int = DEFAULT_MIN_VERSION,
                      max_version: int = DEFAULT_MAX_VERSION) -> BuiltImage:
     """Like ``build_image`` for a tree that ``load_tree()`` makes and nobody else keeps: the
     tree is taken apart while it is flattened (its memory is reused for the records) and gone
     before the image is laid out, which lowers the peak memory of a large build by about a
-    third."""
+    third. ``load_tree()`` may also return a tree whose files are still being read (a
+    ``TreeInProgress``): the tree is flattened meanwhile, and the image made once they are."""
     # a walk or a parse makes many objects and no cycles: no collector passes over them, from
     # the first node to the freed records (turned back on with most of them already gone)
     with gc_paused():
-        return _build([load_tree()], min_version, max_version, consume=True)
+        tree = load_tree()
+        if isinstance(tree, Node):
+            holder, pending = [tree], None
+        else:
+            holder, pending = [tree.root], tree
+        del tree
+        return _build(holder, min_version, max_version, consume=True, pending=pending)
+
+
+class TreeInProgress(Protocol):
+    """A tree whose regular files larger than 0 bytes get their contents only in ``wait()``
+    (``mkcfs.sources.walk.WalkInProgress``)."""
+
+    root: Node
+
+    def wait(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 def _build(holder: list[Node], min_version: int, max_version: int, *,
-           consume: bool) -> BuiltImage:
+           consume: bool, pending: TreeInProgress | None = None) -> BuiltImage:
     root = holder.pop()
-    version = choose_version(root, min_version, max_version)
+    late: list[LateFile] | None = None if pending is None else []
+    try:
+        try:
+            version = choose_version(root, min_version, max_version)
+            with gc_paused():
+                records = flatten(root, version, consume=consume, late=late)
+        except Exception:
+            if pending is not None:   # an error of the source is reported first, as it is
+                pending.wait()        # without a tree in progress
+            raise
+    except BaseException:
+        if pending is not None:
+            pending.abort()
+        raise
+    del root   # the records keep what the image needs; the tree can go now
+    if pending is not None:
+        assert late is not None
+        pending.wait()
+        fill_late_files(late)
+        del late
     try:
         with gc_paused():
-            records = flatten(root, version, consume=consume)
-            del root   # the records keep what the image needs; the tree can go now
             data = _emit(records, version)
     except LayoutError as exc:   # the input is more than the format holds: mkcomposefs's message
         raise WriteError(errno.EFBIG, str(exc)) from None

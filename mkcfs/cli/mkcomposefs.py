@@ -173,7 +173,7 @@ def _main(argv: list[str]) -> int:
             finally:
                 if source != "-":
                     stream.close()
-        from mkcfs.sources.walk import WalkOptions, walk_directory
+        from mkcfs.sources.walk import WalkOptions, start_walk
         store = opts.get("digest-store")
         cache = opts.get("digest-cache")
         if "no-digest-cache" in opts:
@@ -181,12 +181,17 @@ def _main(argv: list[str]) -> int:
         elif cache is None and store is not None:
             from mkcfs.store.cache import default_cache_path
             cache = default_cache_path(store, source)
-        return walk_directory(source, WalkOptions(
+        # the image is flattened while the files are still being read
+        walk = start_walk(source, WalkOptions(
             use_epoch="use-epoch" in opts, skip_devices="skip-devices" in opts,
             skip_xattrs="skip-xattrs" in opts, user_xattrs="user-xattrs" in opts,
             hardlinks="hardlinks" in opts, threads=threads,
             digest_store=store, digest_cache=cache or None,
             share_xattrs=True))   # only build_image_from sees the tree
+        if stats is None:
+            return walk
+        walk.wait()   # --stats counts the files' contents before the tree is flattened
+        return walk.root
 
     from mkcfs.build.image import build_image_from
     from mkcfs.fsutil import write_atomically

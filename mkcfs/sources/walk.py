@@ -46,6 +46,7 @@ import marshal
 import os
 import stat
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, wait
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from fsverity import object_path
@@ -63,7 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.store.cache import DigestCache
     from mkcfs.store.objects import ObjectStore
 
-__all__ = ["WalkOptions", "walk_directory"]
+__all__ = ["WalkInProgress", "WalkOptions", "start_walk", "walk_directory"]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
@@ -467,6 +468,42 @@ def _pack(top: Node, left: dict[int, bytes]) -> list:
 
 def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     """Read the directory tree at ``path`` into a ``Node`` tree (see the module docstring)."""
+    walk = start_walk(path, options)
+    walk.wait()
+    return walk.root
+
+
+class WalkInProgress:
+    """A directory walked whose files are still being read (``start_walk``): ``root`` has every
+    entry, but the regular files larger than 0 bytes get their ``content``, ``digest`` and
+    ``payload`` only in ``wait()``. Until then the caller may read everything else of the tree
+    (what does not depend on file contents), and must call ``wait()`` or ``abort()``."""
+
+    def __init__(self, root: Node, finish: Callable[[], None], abort: Callable[[], None]
+                 ) -> None:
+        self.root = root
+        self._finish: Callable[[], None] | None = finish
+        self._abort = abort
+
+    def wait(self) -> None:
+        """Wait for the files to be read and fill their nodes; raise the walk's error (a file
+        that could not be read, a store that could not be written) if there was one."""
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish()
+
+    def abort(self) -> None:
+        """Stop reading files (the build failed elsewhere): nothing is left running, and the
+        store gets no half-written object."""
+        if self._finish is not None:
+            self._finish = None
+            self._abort()
+
+
+def start_walk(path: PathArg, options: WalkOptions | None = None) -> WalkInProgress:
+    """Walk the directory tree at ``path`` (see the module docstring) and return while its
+    files are still being read, so that the caller can work on the tree meanwhile (a store
+    inside the source tree, filled after the walk, is filled before it returns)."""
     if options is None:
         options = WalkOptions()
     if options.skip_xattrs and options.user_xattrs:
@@ -509,28 +546,51 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
               and (store is None or os.path.isdir(store.root))
               and store_after_walk is None and not options.hardlinks)
     progress = pool.progress = Progress.for_stream(enabled=options.progress)
-    try:
-        if shared:
-            pool.prepare_store()   # the workers store the new files they find
-        root = _Walker(options, pool, progress, cache, store).run(src, st, shared)
-        pool.finish()
-        if cache is not None:
-            cache.collect()
-            cache.save()
-    except BaseException:
-        pool.abort()
-        raise
-    finally:
+
+    def close() -> None:
         if progress is not None:
             progress.close()
         if store is not None:
             store.close()   # its store lock; a caller that writes an image holds its own
-    if store_after_walk is not None:
+
+    def abort() -> None:
         try:
-            _fill_store_after_walk(src, root, store_after_walk, threads)
+            pool.abort()
         finally:
-            store_after_walk.close()
-    return root
+            close()
+            if store_after_walk is not None:
+                store_after_walk.close()
+
+    def finish() -> None:
+        try:
+            pool.finish()
+            if cache is not None:
+                cache.collect()
+                cache.save()
+        except BaseException:
+            pool.abort()
+            if store_after_walk is not None:
+                store_after_walk.close()
+            raise
+        finally:
+            close()
+        if store_after_walk is not None:
+            try:
+                _fill_store_after_walk(src, root, store_after_walk, threads)
+            finally:
+                store_after_walk.close()
+
+    try:
+        if shared:
+            pool.prepare_store()   # the workers store the new files they find
+        root = _Walker(options, pool, progress, cache, store).run(src, st, shared)
+    except BaseException:
+        abort()
+        raise
+    walk = WalkInProgress(root, finish, abort)
+    if store_after_walk is not None:
+        walk.wait()   # it reads the whole tree again: before anyone takes it apart
+    return walk
 
 
 def _inside(path: bytes, directory: bytes) -> bool:
