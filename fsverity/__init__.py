@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         digest_bytes,
         digest_file,
         digest_file_and_size,
+        digest_padded,
         is_sparse,
         object_path,
         zero_hash,
@@ -28,11 +29,12 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "BLOCK_SIZE": "format", "DIGEST_SIZE": "format",
     "FsVerityHasher": "merkle", "data_extents": "merkle", "digest_bytes": "merkle",
-    "digest_file": "merkle", "digest_file_and_size": "merkle", "is_sparse": "merkle",
+    "digest_file": "merkle", "digest_file_and_size": "merkle", "digest_padded": "merkle",
+    "is_sparse": "merkle",
     "object_path": "merkle", "zero_hash": "merkle",
 }
 __all__ = ["BLOCK_SIZE", "DIGEST_SIZE", "FsVerityHasher", "data_extents", "digest_bytes", "digest_file",
-           "digest_file_and_size", "is_sparse", "object_path", "zero_hash"]
+           "digest_file_and_size", "digest_padded", "is_sparse", "object_path", "zero_hash"]
 
 
 def __getattr__(name: str) -> Any:

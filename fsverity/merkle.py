@@ -55,6 +55,7 @@ __all__ = [
     "digest_bytes",
     "digest_file",
     "digest_file_and_size",
+    "digest_padded",
     "is_sparse",
     "object_path",
     "zero_hash",
@@ -288,6 +289,27 @@ def digest_bytes(data: bytes | bytearray | memoryview, *, empty_as_zero_block: b
     level = _level_hashes(view, n)
     while len(level) > DIGEST_SIZE:      # one hash left: the root
         level = _level_hashes(memoryview(level), len(level))
+    return _sha256(_pack_descriptor(1, FS_VERITY_HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, n, level,
+                                    b"", b"")).digest()
+
+
+def digest_padded(buffer: memoryview, n: int) -> bytes:
+    """The fs-verity digest of ``buffer[:n]`` (n > 0), hashed in place: ``buffer`` (format
+    ``B``) should have room for ``n`` rounded up to whole blocks, and the bytes after ``n`` up
+    to there are overwritten with zeros (the padding of the last block). What ``digest_bytes``
+    does, without hashing the partial last block apart: the fast path for files read into a
+    buffer."""
+    end = -(-n // BLOCK_SIZE) * BLOCK_SIZE
+    if end > len(buffer):   # no room for the padding
+        return digest_bytes(buffer[:n])
+    if end > n:
+        buffer[n:end] = _ZERO_BLOCK[:end - n]
+    if end == BLOCK_SIZE:
+        level = _sha256(buffer[:BLOCK_SIZE]).digest()
+    else:
+        level = _hash_blocks(buffer, end // BLOCK_SIZE)
+        while len(level) > DIGEST_SIZE:      # one hash left: the root
+            level = _level_hashes(memoryview(level), len(level))
     return _sha256(_pack_descriptor(1, FS_VERITY_HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, n, level,
                                     b"", b"")).digest()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from fsverity import FsVerityHasher, data_extents, digest_bytes, is_sparse
+from fsverity import FsVerityHasher, data_extents, digest_padded, is_sparse
 
 from mkcfs.errors import WalkError, walk_error
 
@@ -123,7 +123,7 @@ def hash_fd(fd: int, size: int, path: bytes, view: memoryview, sink: Sink | None
             raise _changed(path, size, total)
         if sink is not None:
             sink.write(view[:size])
-        return digest_bytes(view[:size])
+        return digest_padded(view, size)   # (the buffer is a whole number of blocks)
     hasher = FsVerityHasher()
     try:
         if size and is_sparse(os.fstat(fd)):

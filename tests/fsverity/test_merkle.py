@@ -17,6 +17,7 @@ from fsverity import (
     DIGEST_SIZE,
     FsVerityHasher,
     digest_bytes,
+    digest_padded,
     digest_file,
     digest_file_and_size,
     object_path,
@@ -174,6 +175,12 @@ def test_boundary_sizes_vs_naive(size: int) -> None:
     data = pattern(size) if size <= 600_000 else os.urandom(size)
     expected = naive_digest(data)
     assert digest_bytes(data) == expected
+    if size:   # in place in a buffer with room for the padding, whatever was there after it
+        room = bytearray(b"\xa5" * (-(-size // 4096) * 4096))
+        room[:size] = data
+        assert digest_padded(memoryview(room), size) == expected
+        tight = bytearray(data + b"\xa5")   # no room: the same digest
+        assert digest_padded(memoryview(tight), size) == expected
     # Also streamed in awkward pieces.
     h = FsVerityHasher()
     step = 4093
