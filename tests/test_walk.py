@@ -588,6 +588,26 @@ def test_tree_in_progress_is_aborted_when_interrupted(tree, monkeypatch):
     started[0].wait()   # nothing left to wait for: it was aborted
 
 
+def test_pool_passes_each_batch_of_filled_nodes(tmp_path, monkeypatch):
+    monkeypatch.setattr(digests, "_BATCH_FILES", 3)
+    src = tmp_path / "src"
+    src.mkdir()
+    nodes = []
+    pool = digests.DigestPool(2)
+    for i in range(10):
+        write(src / f"f{i}", bytes([i]) * (10 if i % 2 else 1000))
+        nodes.append(Node(stat.S_IFREG | 0o644, size=10 if i % 2 else 1000))
+        pool.add(os.fsencode(src / f"f{i}"), nodes[-1])
+    alias = Node(stat.S_IFREG | 0o644, size=1000)
+    pool.alias(alias, nodes[0])
+    seen = []
+    pool.finish(lambda batch: seen.append([(n.content, n.digest) for n in batch]))
+    assert [len(batch) for batch in seen] == [3, 3, 3, 1]
+    assert [item for batch in seen for item in batch] == [(n.content, n.digest) for n in nodes]
+    assert all(content or digest for batch in seen for content, digest in batch)
+    assert alias.digest == nodes[0].digest
+
+
 # -- progress -----------------------------------------------------------------------------------
 
 class _FakeTTY:

@@ -154,11 +154,6 @@ def _apply(xattrs: dict[bytes, bytes], additions: list[tuple[bytes, bytes]],
     return result
 
 
-#: a regular file whose contents are not read yet (``flatten``'s ``late``): its record, made
-#: without them, and its node, which gets them later
-LateFile = tuple[InodeRecord, Node]
-
-
 _METACOPY, _REDIRECT = overlay.METACOPY, overlay.REDIRECT
 #: the metacopy xattr value without its digest
 _METACOPY_HEAD = overlay.metacopy_value(b"\0" * 32)[:-32]
@@ -191,27 +186,50 @@ class _ExternalAdds:
         return adds
 
 
-def fill_late_files(late: list[LateFile]) -> None:
-    """Complete the records of ``flatten``'s late files, whose nodes now have their contents
-    (as ``flatten`` would have made them); ``late`` is emptied."""
-    adds_of = _ExternalAdds().of
-    late.reverse()
-    while late:   # each node goes once its record is made: its memory is reused
-        record, node = late.pop()
-        content = node.content
-        if content:
-            record.size = len(content)
-            record.data = content
-            continue
-        adds = adds_of(node)
-        xlist = record.xattrs
-        # METACOPY < REDIRECT: without xattrs of its own the list is in order already
-        record.xattrs = sorted(xlist + adds) if xlist else adds
-        record.external = True
+class LateFiles:
+    """``flatten``'s regular files whose contents are not read yet: their records, made
+    without them, and their nodes, which get them later; ``fill`` completes the records."""
+
+    __slots__ = ("_files", "_adds_of")
+
+    def __init__(self) -> None:
+        #: ``id`` of the node -> (its record, the node)
+        self._files: dict[int, tuple[InodeRecord, Node]] = {}
+        self._adds_of = _ExternalAdds().of
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def add(self, record: InodeRecord, node: Node) -> None:
+        self._files[id(node)] = (record, node)
+
+    def fill(self, nodes: list[Node] | None = None) -> None:
+        """Complete the records of the files whose nodes now have their contents (as
+        ``flatten`` would have made them): those of ``nodes`` (others are ignored), or all
+        that are left. Each file is forgotten once its record is made (its node goes, and
+        its memory is reused)."""
+        take = self._files.pop
+        adds_of = self._adds_of
+        for key in list(self._files) if nodes is None else list(map(id, nodes)):
+            entry = take(key, None)
+            if entry is None:
+                continue
+            record, node = entry
+            del entry
+            content = node.content
+            if content:
+                record.size = len(content)
+                record.data = content
+                continue
+            adds = adds_of(node)
+            xlist = record.xattrs
+            # METACOPY < REDIRECT: without xattrs of its own the list is in order already
+            record.xattrs = sorted(xlist + adds) if xlist else adds
+            record.external = True
 
 
 def flatten(root: Node, version: int, *, consume: bool = False,
-            late: list[LateFile] | None = None) -> list[InodeRecord]:
+            late: LateFiles | None = None) -> list[InodeRecord]:
     """Inode records in BFS order (record 0 is the root) for writing ``root`` at ``version``.
 
     ``consume``: the tree is nobody else's and is taken apart while it is flattened (each
@@ -220,7 +238,7 @@ def flatten(root: Node, version: int, *, consume: bool = False,
 
     ``late``: the regular files larger than 0 bytes may not have their contents yet (a walk
     still reading them: ``mkcfs.sources.walk.start_walk``); their records are made without
-    and listed in ``late`` with their nodes, for ``fill_late_files`` once they have them."""
+    and added to ``late`` with their nodes, which ``late.fill`` completes once they have them."""
     if not root.is_dir():
         raise WriteError(errno.ENOTDIR, "the root must be a directory")
     # the queue grows while it is walked (breadth first): a directory appends its children, whose
@@ -297,7 +315,7 @@ def flatten(root: Node, version: int, *, consume: bool = False,
                 record = Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
                                 node.mtime_sec, node.mtime_nsec, xlist, None, None, False)
                 append_record(record)
-                late.append((record, node))
+                late.add(record, node)
                 continue
             if content:
                 append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev,

@@ -15,7 +15,7 @@ from erofs.errors import LayoutError
 from erofs.writer import build_image as _emit
 
 from mkcfs.gcpause import gc_paused
-from mkcfs.build.flatten import LateFile, WriteError, choose_version, fill_late_files, flatten
+from mkcfs.build.flatten import LateFiles, WriteError, choose_version, flatten
 from mkcfs.tree import Node
 
 DEFAULT_MIN_VERSION = 0
@@ -62,12 +62,13 @@ def build_image_from(load_tree: Callable[[], Node | TreeInProgress], *,
 
 
 class TreeInProgress(Protocol):
-    """A tree whose regular files larger than 0 bytes get their contents only in ``wait()``
+    """A tree whose regular files larger than 0 bytes get their contents only in ``wait()``,
+    which calls ``filled(nodes)`` with groups of them as they get them
     (``mkcfs.sources.walk.WalkInProgress``)."""
 
     root: Node
 
-    def wait(self) -> None: ...
+    def wait(self, filled: Callable[[list[Node]], object] | None = None) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -75,7 +76,7 @@ class TreeInProgress(Protocol):
 def _build(holder: list[Node], min_version: int, max_version: int, *,
            consume: bool, pending: TreeInProgress | None = None) -> BuiltImage:
     root = holder.pop()
-    late: list[LateFile] | None = None if pending is None else []
+    late = None if pending is None else LateFiles()
     try:
         try:
             version = choose_version(root, min_version, max_version)
@@ -92,8 +93,8 @@ def _build(holder: list[Node], min_version: int, max_version: int, *,
     del root   # the records keep what the image needs; the tree can go now
     if pending is not None:
         assert late is not None
-        pending.wait()
-        fill_late_files(late)
+        pending.wait(late.fill)   # the records of each batch of files as it is read
+        late.fill()               # and those of the files read otherwise
         del late
     try:
         with gc_paused():

@@ -473,24 +473,30 @@ def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
     return walk.root
 
 
+#: what ``WalkInProgress.wait`` calls with nodes that have just been filled
+Filled = Callable[[list[Node]], object]
+
+
 class WalkInProgress:
     """A directory walked whose files are still being read (``start_walk``): ``root`` has every
     entry, but the regular files larger than 0 bytes get their ``content``, ``digest`` and
     ``payload`` only in ``wait()``. Until then the caller may read everything else of the tree
     (what does not depend on file contents), and must call ``wait()`` or ``abort()``."""
 
-    def __init__(self, root: Node, finish: Callable[[], None], abort: Callable[[], None]
-                 ) -> None:
+    def __init__(self, root: Node, finish: Callable[[Filled | None], None],
+                 abort: Callable[[], None]) -> None:
         self.root = root
-        self._finish: Callable[[], None] | None = finish
+        self._finish: Callable[[Filled | None], None] | None = finish
         self._abort = abort
 
-    def wait(self) -> None:
+    def wait(self, filled: Filled | None = None) -> None:
         """Wait for the files to be read and fill their nodes; raise the walk's error (a file
-        that could not be read, a store that could not be written) if there was one."""
+        that could not be read, a store that could not be written) if there was one.
+        ``filled(nodes)`` is called with each group of nodes as soon as they are filled (not
+        necessarily with every node: look at the others after ``wait()``)."""
         finish, self._finish = self._finish, None
         if finish is not None:
-            finish()
+            finish(filled)
 
     def abort(self) -> None:
         """Stop reading files (the build failed elsewhere): nothing is left running, and the
@@ -561,9 +567,9 @@ def start_walk(path: PathArg, options: WalkOptions | None = None) -> WalkInProgr
             if store_after_walk is not None:
                 store_after_walk.close()
 
-    def finish() -> None:
+    def finish(filled: Filled | None) -> None:
         try:
-            pool.finish()
+            pool.finish(filled)
             if cache is not None:
                 cache.collect()
                 cache.save()

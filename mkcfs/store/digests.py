@@ -290,17 +290,24 @@ class DigestPool:
                 self._error = exc
         self._cancel.set()
 
-    def finish(self) -> None:
-        """Wait for every queued file; raise the first error; fill in the nodes."""
+    def finish(self, filled: Callable[[list[Node]], object] | None = None) -> None:
+        """Wait for every queued file; raise the first error; fill in the nodes. ``filled``,
+        if given, is called with each batch of nodes as soon as they are filled, while the
+        later batches are still being read (the nodes given to ``alias`` are filled last, and
+        not passed to it)."""
         self._flush()
+        pending = self._pending
         try:
-            for future, nodes in self._pending:
+            for i, (future, nodes) in enumerate(pending):
                 try:
                     results = future.result()
                 except BaseException as exc:
                     self._fail(exc)
                     break
                 fill_nodes(nodes, results)
+                if filled is not None:
+                    pending[i] = None   # type: ignore[call-overload]  # the nodes: theirs now
+                    filled(nodes)
         finally:
             self._shutdown()
             # the results are in the nodes: free them now (the futures' callbacks refer back
