@@ -54,6 +54,25 @@ def test_failure_exits_normally():
     assert b"atexit" in proc.stderr and b"teardown" in proc.stderr
 
 
+def test_what_is_kept_to_exit_is_never_freed_after_a_success_and_freed_otherwise():
+    # keep_to_exit inside the command; the probe's main returns the status after that
+    setup = ("class Garbage:\n"
+             "    def __del__(self):\n"
+             "        sys.stderr.write('freed\\n')\n"
+             "_main = lambda status: (common.keep_to_exit(Garbage()), status)[1]\n")
+    ok = subprocess.run([sys.executable, "-c", PROBE.replace("{status}", "_main(0)").format(
+        setup=setup)], env=ENV, capture_output=True, timeout=60)
+    assert ok.returncode == 0 and ok.stderr == b"atexit\n"
+    failed = subprocess.run([sys.executable, "-c", PROBE.replace("{status}", "_main(2)").format(
+        setup=setup)], env=ENV, capture_output=True, timeout=60)
+    assert failed.returncode == 2 and b"freed" in failed.stderr
+    # in-process (no console): dropped at once
+    code = setup + "common.keep_to_exit(Garbage()); sys.stderr.write('after\\n')"
+    inproc = subprocess.run([sys.executable, "-c", "import sys\nfrom mkcfs.cli import common\n"
+                             + code], env=ENV, capture_output=True, timeout=60)
+    assert inproc.stderr == b"freed\nafter\n"
+
+
 def test_another_thread_is_waited_for():
     setup = ("import time\n"
              "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()")

@@ -43,12 +43,15 @@ def build_image(root: Node, *, min_version: int = DEFAULT_MIN_VERSION,
 
 def build_image_from(load_tree: Callable[[], Node | TreeInProgress], *,
                      min_version: int = DEFAULT_MIN_VERSION,
-                     max_version: int = DEFAULT_MAX_VERSION) -> BuiltImage:
+                     max_version: int = DEFAULT_MAX_VERSION,
+                     dispose: Callable[[object], object] | None = None) -> BuiltImage:
     """Like ``build_image`` for a tree that ``load_tree()`` makes and nobody else keeps: the
     tree is taken apart while it is flattened (its memory is reused for the records) and gone
     before the image is laid out, which lowers the peak memory of a large build by about a
     third. ``load_tree()`` may also return a tree whose files are still being read (a
-    ``TreeInProgress``): the tree is flattened meanwhile, and the image made once they are."""
+    ``TreeInProgress``): the tree is flattened meanwhile, and the image made once they are.
+    ``dispose`` is given the inode records once the image is made, instead of dropping them
+    (``mkcfs.cli.common.keep_to_exit``)."""
     # a walk or a parse makes many objects and no cycles: no collector passes over them, from
     # the first node to the freed records (turned back on with most of them already gone)
     with gc_paused():
@@ -58,7 +61,8 @@ def build_image_from(load_tree: Callable[[], Node | TreeInProgress], *,
         else:
             holder, pending = [tree.root], tree
         del tree
-        return _build(holder, min_version, max_version, consume=True, pending=pending)
+        return _build(holder, min_version, max_version, consume=True, pending=pending,
+                      dispose=dispose)
 
 
 class TreeInProgress(Protocol):
@@ -74,7 +78,8 @@ class TreeInProgress(Protocol):
 
 
 def _build(holder: list[Node], min_version: int, max_version: int, *,
-           consume: bool, pending: TreeInProgress | None = None) -> BuiltImage:
+           consume: bool, pending: TreeInProgress | None = None,
+           dispose: Callable[[object], object] | None = None) -> BuiltImage:
     root = holder.pop()
     late = None if pending is None else LateFiles()
     try:
@@ -101,4 +106,6 @@ def _build(holder: list[Node], min_version: int, max_version: int, *,
             data = _emit(records, version)
     except LayoutError as exc:   # the input is more than the format holds: mkcomposefs's message
         raise WriteError(errno.EFBIG, str(exc)) from None
+    if dispose is not None:
+        dispose(records)
     return BuiltImage(data, version)

@@ -271,6 +271,19 @@ def _run(prog: str, usage: str, body: Callable[[list[str]], int], argv: Sequence
         return 1
 
 
+#: what ``keep_to_exit`` was given, while ``console`` runs a command
+_kept_to_exit: list[object] | None = None
+
+
+def keep_to_exit(garbage: object) -> None:
+    """Let ``garbage`` (large, not needed any more) live until the process ends when it is
+    going to end by ``console``'s ``os._exit``, which frees nothing: freeing it one object at
+    a time is work for nobody (a build's inode records: ~25 ms of a 54k-entry build). Anywhere
+    else (``main(argv)`` in-process) it is simply dropped."""
+    if _kept_to_exit is not None:
+        _kept_to_exit.append(garbage)
+
+
 def console(prog: str, main: Callable[[], int]) -> NoReturn:
     """Run an installed command's ``main()`` and end the process with its status.
 
@@ -286,6 +299,8 @@ def console(prog: str, main: Callable[[], int]) -> NoReturn:
     written through ``mkcfs.fsutil`` (closed before it is renamed into place). Any other case
     exits normally. Only the console entry points and ``python -m`` call this; ``main(argv)``
     called in-process (the tests) returns its status."""
+    global _kept_to_exit
+    _kept_to_exit = []
     status = main()
     if status == 0 and only_thread():   # else the interpreter must wait for the others
         atexit._run_exitfuncs()   # what the interpreter runs at exit, before its teardown

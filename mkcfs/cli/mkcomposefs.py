@@ -200,7 +200,8 @@ def _main(argv: list[str]) -> int:
     held = _hold_store(opts["digest-store"]) if stores else None
     try:
         image = build_image_from(load_tree if stats is None else _counted(load_tree, stats),
-                                 min_version=min_version, max_version=max_version)
+                                 min_version=min_version, max_version=max_version,
+                                 dispose=common.keep_to_exit)
 
         if image_path == "-":
             common.write_stdout(image.data)
