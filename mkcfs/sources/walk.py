@@ -186,23 +186,29 @@ class _Walker:
         """The tree below ``src`` (``st``: its ``lstat``); ``shared``: parts of it are walked
         by the pool's worker processes (see ``walk_shared``)."""
         root = self.node(src, st)
-        stack: list[tuple[bytes, Node]] = [(src, root)]
+        directories: list[tuple[bytes, Node]] = [(src, root)]
         if shared:
-            self.walk_shared(stack)
+            self.walk_shared(directories)
         else:
-            self.walk(stack)
+            self.walk(directories)
         if self.options.hardlinks:
             self.resolve_links()
         return root
 
-    def walk(self, stack: list[tuple[bytes, Node]]) -> None:
-        """Walk the directories on ``stack`` and everything below them."""
+    def walk(self, queue: list[tuple[bytes, Node]]) -> None:
+        """Walk the directories on ``queue`` and everything below them, breadth first: the
+        order in which the image's inodes are numbered and laid out, so that the nodes, the
+        files' digests (in that order from the pool) and what is made of them lie in memory
+        in about the order in which the image is made (depth first, the layout of a
+        54k-entry tree took ~10% longer)."""
         pool = self.pool
-        while stack:
-            path, node = stack.pop()
-            self.count(self.scan(path, node, stack))
+        scan = self.scan
+        count = self.count
+        for path, node in queue:   # (the queue grows while it is walked)
+            count(scan(path, node, queue))
             if pool.failed:
                 break
+        queue.clear()
 
     def walk_shared(self, stack: list[tuple[bytes, Node]]) -> None:
         """Walk with the pool's workers: a rebuild whose files are mostly in the digest cache
