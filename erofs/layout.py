@@ -300,6 +300,17 @@ class InodeTable:
         self.shared_refs = array("Q")
 
 
+def _pair_shape(xattrs: XattrPlan, shape_key: tuple[bytes, bytes, int, int]
+                ) -> tuple[bytes, Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    """The body header (no shared refs) and the inline entry packers of two xattrs with
+    these keys and value sizes."""
+    key0, key1, size0, size1 = shape_key
+    mask0, entries0 = xattrs.key_info.get(key0) or xattrs.split_key(key0)
+    mask1, entries1 = xattrs.key_info.get(key1) or xattrs.split_key(key1)
+    return (XATTR_IBODY_HEADER.pack(_U32 & ~(mask0 | mask1), 0, b""),
+            entries0.get(size0) or entries0.new(size0), entries1.get(size1) or entries1.new(size1))
+
+
 def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
     """Place and pack ``records`` (BFS order, root first) exactly as mkcomposefs 1.0.8 would."""
     table = InodeTable()
@@ -335,6 +346,10 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
     extended_with = InodePackers(INODE_EXTENDED)
     body_ff: bytes | None = None
     known_body = bodies.get
+    # (key, key, value size, value size) -> (xattr body header, packer, packer)
+    shapes: dict[tuple[bytes, bytes, int, int], tuple[bytes, Callable[[bytes], bytes],
+                                                       Callable[[bytes], bytes]]] = {}
+    get_shape = shapes.get
     body = b""
     n_refs = 0
     for index, rec in enumerate(records):
@@ -402,6 +417,21 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             known = known_body(id(rec_xattrs))
             if known is not None:
                 body, n_refs, body_ff = known
+            elif len(rec_xattrs) == 2 and (get_shared is None or (
+                    get_shared(rec_xattrs[0]) is None and get_shared(rec_xattrs[1]) is None)):
+                # two xattrs stored inline (an external file's metacopy and redirect): their
+                # header and packers by keys and value sizes
+                (key0, value0), (key1, value1) = rec_xattrs
+                shape_key = (key0, key1, len(value0), len(value1))
+                shape = get_shape(shape_key)
+                if shape is None:
+                    shape = shapes[shape_key] = _pair_shape(xattrs, shape_key)
+                body = shape[0] + shape[1](value0) + shape[2](value1)
+                n_refs = 0
+                body_ff = None
+                if getrefcount(rec_xattrs) > _OWN_LIST_REFS:
+                    body_ff = body + ff4
+                    bodies[id(rec_xattrs)] = (body, n_refs, body_ff)
             else:
                 name_filter = 0
                 refs: list[bytes] = []
