@@ -608,6 +608,20 @@ def test_pool_passes_each_batch_of_filled_nodes(tmp_path, monkeypatch):
     assert alias.digest == nodes[0].digest
 
 
+def test_pool_batches_grow_from_the_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(digests, "_FIRST_BATCH_FILES", 2)
+    monkeypatch.setattr(digests, "_BATCH_FILES", 8)
+    src = tmp_path / "src"
+    src.mkdir()
+    pool = digests.DigestPool(2)
+    for i in range(30):
+        write(src / f"f{i}", b"x" * 100)
+        pool.add(os.fsencode(src / f"f{i}"), Node(stat.S_IFREG | 0o644, size=100))
+    sizes = []
+    pool.finish(lambda batch: sizes.append(len(batch)))
+    assert sizes == [2, 4, 8, 8, 8]
+
+
 # -- progress -----------------------------------------------------------------------------------
 
 class _FakeTTY:
