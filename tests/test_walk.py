@@ -561,11 +561,13 @@ def test_tree_in_progress_a_read_error_is_reported_before_a_flatten_error(tree, 
     def failing_flatten(*args, **kwargs):
         real_flatten(*args, **kwargs)
         raise WriteError(errno.EINVAL, "injected")
+    monkeypatch.setattr(reading, "open_source", failing_open)
     monkeypatch.setattr(digests, "open_source", failing_open)
     monkeypatch.setattr(image_module, "flatten", failing_flatten)
     with pytest.raises(WalkError, match=r"^error computing digest of .*big: injected$"):
         build_image_from(lambda: start_walk(tree, WalkOptions(threads=2, progress=False)))
-    monkeypatch.setattr(digests, "open_source", real_open)   # no read error: flatten's
+    monkeypatch.setattr(reading, "open_source", real_open)   # no read error: flatten's
+    monkeypatch.setattr(digests, "open_source", real_open)
     with pytest.raises(WriteError, match="injected"):
         build_image_from(lambda: start_walk(tree, WalkOptions(threads=2, progress=False)))
     assert not multiprocessing.active_children()
@@ -606,6 +608,26 @@ def test_pool_passes_each_batch_of_filled_nodes(tmp_path, monkeypatch):
     assert [item for batch in seen for item in batch] == [(n.content, n.digest) for n in nodes]
     assert all(content or digest for batch in seen for content, digest in batch)
     assert alias.digest == nodes[0].digest
+
+
+def test_a_batch_looks_at_its_cancel_flag_every_16_files(tmp_path):
+    class Flag:
+        def __init__(self, at: int) -> None:
+            self.looks, self.at = 0, at
+
+        def is_set(self) -> bool:
+            self.looks += 1
+            return self.looks >= self.at
+    batch = []
+    for i in range(40):
+        write(tmp_path / f"f{i}", bytes([i]) * (10 if i % 2 else 5000))
+        batch.append((os.fsencode(tmp_path / f"f{i}"), 10 if i % 2 else 5000))
+    never = Flag(10 ** 9)
+    results = digests.run_batch(batch, None, never)
+    assert never.looks == 3 and len(results) == 40
+    assert results[1] == bytes([1]) * 10 and results[0][0] == fsverity.digest_bytes(bytes(5000))
+    with pytest.raises(digests.Cancelled):
+        digests.run_batch(batch, None, Flag(2))   # set while the first 16 files were read
 
 
 def test_pool_batches_grow_from_the_first(tmp_path, monkeypatch):

@@ -29,8 +29,8 @@ from fsverity import object_path
 from mkcfs.errors import WalkError
 from mkcfs.forksafe import processes_usable
 from mkcfs.store.objects import ObjectStore
-from mkcfs.store.reading import (BUFFER_SIZE, INLINE_MAX, Cancelled, CancelFlag, hash_fd, open_source,
-                                 read_inline)
+from mkcfs.store.reading import (BUFFER_SIZE, INLINE_MAX, Cancelled, CancelFlag, digest_fitting,
+                                 hash_fd, open_source, read_inline)
 from mkcfs.tree import Node
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,6 +46,10 @@ __all__ = ["INLINE_MAX", "BUFFER_SIZE", "DigestPool", "digest_path", "run_batch"
 _FIRST_BATCH_FILES = 64
 _BATCH_FILES = 1024
 _BATCH_BYTES = 8 << 20
+
+#: a batch looks at its cancel flag before every 16th file (and a big file between its
+#: chunks): a look at a process-shared flag costs as much as hashing a small file's descriptor
+_CANCEL_EVERY_MASK = 15
 
 _local = threading.local()
 T = TypeVar("T")
@@ -138,21 +142,24 @@ def run_batch(batch: list[tuple[bytes, int]], store: ObjectStore | None,
     """For each ``(path, size)``: the content (size <= 64) or ``(digest, object path)``,
     storing the file in ``store`` if given. Stops with ``Cancelled`` once ``cancel`` is set."""
     view = _buffer()
+    fits = len(view)
     out: list[bytes | tuple[bytes, bytes]] = []
     append = out.append
     is_set = cancel.is_set
     try:
-        for path, size in batch:
-            if is_set():
+        for i, (path, size) in enumerate(batch):
+            if not i & _CANCEL_EVERY_MASK and is_set():
                 raise Cancelled("cancelled")
             if size <= INLINE_MAX:
                 append(read_inline(path, size))
                 continue
-            big = cancel if size > BUFFER_SIZE else None
             if store is not None:
-                digest = store.add_file(path, size, view, big, defer=True)
+                digest = store.add_file(path, size, view, cancel if size > BUFFER_SIZE else None,
+                                        defer=True)
+            elif size < fits:
+                digest = digest_fitting(path, size, view)
             else:
-                digest = digest_path(path, size, view, big)
+                digest = digest_path(path, size, view, cancel)
             append((digest, object_path(digest).encode()))
         if store is not None:
             store.flush()     # the batch's new objects: durable, then named

@@ -17,7 +17,7 @@ from fsverity import FsVerityHasher, data_extents, digest_padded, is_sparse
 
 from mkcfs.errors import WalkError, walk_error
 
-__all__ = ["BUFFER_SIZE", "INLINE_MAX", "Cancelled", "Sink", "hash_fd", "open_source",
+__all__ = ["BUFFER_SIZE", "INLINE_MAX", "Cancelled", "Sink", "digest_fitting", "hash_fd", "open_source",
            "read_inline", "file_changed", "Snapshot", "snapshot"]
 
 #: regular files up to this size are inlined (``LCFS_RECOMMENDED_INLINE_CONTENT_MAX``).
@@ -97,30 +97,47 @@ def read_inline(path: bytes, size: int) -> bytes:
     return data
 
 
+def _read_whole(fd: int, size: int, path: bytes, view: memoryview) -> None:
+    """Read all of ``fd`` (freshly opened), which must be exactly ``size`` bytes, into
+    ``view``, which is larger: a read that returns less than asked for is the end, and the
+    spare room shows a file that grew."""
+    readv = os.readv
+    total = 0
+    while True:
+        try:
+            n = readv(fd, (view[total:],))
+        except OSError as exc:
+            raise walk_error("error computing digest of", path, exc) from None
+        if not n:
+            break
+        total += n
+        if total >= size:
+            break
+    if total != size:
+        raise _changed(path, size, total)
+
+
+def digest_fitting(path: bytes, size: int, view: memoryview) -> bytes:
+    """The fs-verity digest of the file at ``path``, which must have exactly ``size`` bytes,
+    fewer than ``view`` holds: ``hash_fd`` for the many small files of a tree, without its
+    detours (read in one go, hashed in place)."""
+    fd = open_source(path)
+    try:
+        _read_whole(fd, size, path, view)
+    finally:
+        os.close(fd)
+    return digest_padded(view, size)
+
+
 def hash_fd(fd: int, size: int, path: bytes, view: memoryview, sink: Sink | None = None,
             cancel: CancelFlag | None = None) -> bytes:
     """The fs-verity digest of ``fd`` (freshly opened: read from offset 0) to EOF, which must
     be exactly ``size`` bytes. The data read is also passed to ``sink``, holes as
     ``sink.skip``; the sink's errors are the caller's (e.g. a store write error). ``cancel``,
     when set, stops the read of a big file between two chunks (``Cancelled``)."""
-    readv = os.readv
-    buflen = len(view)
     total = 0
-    if 0 < size < buflen:
-        # the whole file fits: read it (a read that returns less than asked for is the end;
-        # the spare room shows a file that grew), then hash it in one go
-        while True:
-            try:
-                n = readv(fd, (view[total:],))
-            except OSError as exc:
-                raise walk_error("error computing digest of", path, exc) from None
-            if not n:
-                break
-            total += n
-            if total >= size:
-                break
-        if total != size:
-            raise _changed(path, size, total)
+    if 0 < size < len(view):
+        _read_whole(fd, size, path, view)
         if sink is not None:
             sink.write(view[:size])
         return digest_padded(view, size)   # (the buffer is a whole number of blocks)
