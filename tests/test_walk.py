@@ -547,6 +547,25 @@ def test_tree_in_progress_builds_the_walked_tree_image(linked, options):
     assert bytes(build_image_from(lambda: start_walk(linked, options)).data) == expected
 
 
+def test_tree_in_progress_with_files_known_from_the_digest_cache(linked, tmp_path, monkeypatch):
+    from mkcfs.store import cache as cache_module
+    monkeypatch.setattr(cache_module, "RACY_MARGIN_NS", -3600 * 10**9)   # all cacheable
+    options = WalkOptions(digest_cache=str(tmp_path / "cache"), threads=2, progress=False)
+    expected = image(walk_directory(linked, WalkOptions(progress=False)))
+    assert bytes(build_image_from(lambda: start_walk(linked, options)).data) == expected
+    write(linked / "a" / "new", os.urandom(3000))   # read; the others come from the cache
+    expected = image(walk_directory(linked, WalkOptions(progress=False)))
+    added = []
+    real_add = digests.DigestPool.add
+    monkeypatch.setattr(digests.DigestPool, "add",
+                        lambda pool, path, node: added.append(path) or real_add(pool, path, node))
+    for _ in range(2):
+        assert bytes(build_image_from(lambda: start_walk(linked, options)).data) == expected
+    # the files larger than 64 bytes, but for the new one, came from the cache
+    assert {path for path in added if os.path.getsize(path) > 64} == {
+        os.fsencode(linked / "a" / "new")}
+
+
 def test_tree_in_progress_a_read_error_is_reported_before_a_flatten_error(tree, monkeypatch):
     from mkcfs.build import image as image_module
     from mkcfs.build.flatten import WriteError

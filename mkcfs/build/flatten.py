@@ -237,8 +237,10 @@ def flatten(root: Node, version: int, *, consume: bool = False,
     memory is reused for the records instead of adding to them; the tree is left unusable.
 
     ``late``: the regular files larger than 0 bytes may not have their contents yet (a walk
-    still reading them: ``mkcfs.sources.walk.start_walk``); their records are made without
-    and added to ``late`` with their nodes, which ``late.fill`` completes once they have them."""
+    still reading them: ``mkcfs.sources.walk.start_walk``); the records of those that have
+    neither ``content`` nor ``digest`` yet are made without and added to ``late`` with their
+    nodes, which ``late.fill`` completes once they have them (a file known from the digest
+    cache is complete already)."""
     if not root.is_dir():
         raise WriteError(errno.ENOTDIR, "the root must be a directory")
     # the queue grows while it is walked (breadth first): a directory appends its children, whose
@@ -311,7 +313,7 @@ def flatten(root: Node, version: int, *, consume: bool = False,
             if (size > _MAX_SINGLE_CHUNK_SIZE and not content
                     and chunk_params(size)[1] > LCFS_MAX_NONINLINE_CHUNKS):
                 raise WriteError(errno.EFBIG, _path_at(records, parents, index))  # not inline
-            if late is not None and size > 0:
+            if late is not None and size > 0 and content is None and node.digest is None:
                 record = Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
                                 node.mtime_sec, node.mtime_nsec, xlist, None, None, False)
                 append_record(record)
