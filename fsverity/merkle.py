@@ -286,7 +286,12 @@ def digest_bytes(data: bytes | bytearray | memoryview, *, empty_as_zero_block: b
     if not n:
         root = _sha256(_ZERO_BLOCK).digest() if empty_as_zero_block else bytes(DIGEST_SIZE)
         return _descriptor_digest(root, 0)
-    level = _level_hashes(view, n)
+    return _digest_of_level0(_level_hashes(view, n), n)
+
+
+def _digest_of_level0(level: bytes, n: int) -> bytes:
+    """The fs-verity digest of ``n`` bytes (n > 0) whose data blocks hash to ``level``: the
+    tree's upper levels, then the descriptor."""
     while len(level) > DIGEST_SIZE:      # one hash left: the root
         level = _level_hashes(memoryview(level), len(level))
     return _sha256(_pack_descriptor(1, FS_VERITY_HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, n, level,
@@ -308,10 +313,7 @@ def digest_padded(buffer: memoryview, n: int) -> bytes:
         level = _sha256(buffer[:BLOCK_SIZE]).digest()
     else:
         level = _hash_blocks(buffer, end // BLOCK_SIZE)
-        while len(level) > DIGEST_SIZE:      # one hash left: the root
-            level = _level_hashes(memoryview(level), len(level))
-    return _sha256(_pack_descriptor(1, FS_VERITY_HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, n, level,
-                                    b"", b"")).digest()
+    return _digest_of_level0(level, n)
 
 
 def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
