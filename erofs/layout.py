@@ -428,10 +428,6 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                     shape = shapes[shape_key] = _pair_shape(xattrs, shape_key)
                 body = shape[0] + shape[1](value0) + shape[2](value1)
                 n_refs = 0
-                body_ff = None
-                if getrefcount(rec_xattrs) > _OWN_LIST_REFS:
-                    body_ff = body + ff4
-                    bodies[id(rec_xattrs)] = (body, n_refs, body_ff)
             else:
                 name_filter = 0
                 refs: list[bytes] = []
@@ -451,6 +447,7 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                 if n_refs:
                     parts[1:1] = refs
                 body = b"".join(parts)
+            if known is None:
                 body_ff = None
                 # a list that other records hold too (the records keep it, and so its id,
                 # alive): its body is remembered; a record's own list is not (no memory spent)
