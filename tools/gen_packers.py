@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fsverity.cstruct import render_packers  # noqa: E402
+from mkcfs.fsutil import write_atomically  # noqa: E402
 
 #: the declaring modules; each one's packers go to ``packers.py`` in its package
 STRUCT_MODULES = ("erofs.structs", "fsverity.structs")
@@ -40,9 +41,7 @@ def main() -> int:
         if opts.check:
             print(f"{path.relative_to(REPO)} is stale: run tools/gen_packers.py", file=sys.stderr)
         else:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            write_atomically(str(path), text.encode())
             print(f"wrote {path.relative_to(REPO)}")
     return 1 if stale and opts.check else 0
 
