@@ -170,32 +170,38 @@ class _ExternalAdds:
         #: payload -> the list of the last file with it
         self.by_payload: dict[bytes, list[tuple[bytes, bytes]]] = {}
 
-    def of(self, node: Node) -> list[tuple[bytes, bytes]]:
+    def xattrs_of(self, node: Node, own: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The sorted xattr list of the external file ``node`` whose own sorted list is
+        ``own``: ``own`` with the overlay xattrs added (without xattrs of its own, the shared
+        list of the overlay xattrs)."""
         # trusted.overlay.* keys of the source were escaped, so these are always new keys (no
         # accounting can fail): they are added directly
         digest = node.digest
         metacopy_data = b"" if digest is None else _METACOPY_HEAD + digest
         payload = node.payload
+        adds: list[tuple[bytes, bytes]] | None
         if not payload:
-            return [(_METACOPY, metacopy_data)]
-        adds = self.by_payload.get(payload)
-        if adds is None or adds[0][1] != metacopy_data:
-            adds = [(_METACOPY, metacopy_data), (_REDIRECT, b"/" + payload)]
-            if len(self.by_payload) < _MAX_INTERNED:
-                self.by_payload[payload] = adds
-        return adds
+            adds = [(_METACOPY, metacopy_data)]
+        else:
+            adds = self.by_payload.get(payload)
+            if adds is None or adds[0][1] != metacopy_data:
+                adds = [(_METACOPY, metacopy_data), (_REDIRECT, b"/" + payload)]
+                if len(self.by_payload) < _MAX_INTERNED:
+                    self.by_payload[payload] = adds
+        # METACOPY < REDIRECT: without xattrs of its own the list is in order already
+        return sorted(own + adds) if own else adds
 
 
 class LateFiles:
     """``flatten``'s regular files whose contents are not read yet: their records, made
     without them, and their nodes, which get them later; ``fill`` completes the records."""
 
-    __slots__ = ("_files", "_adds_of")
+    __slots__ = ("_files", "_xattrs_of")
 
     def __init__(self) -> None:
         #: ``id`` of the node -> (its record, the node)
         self._files: dict[int, tuple[InodeRecord, Node]] = {}
-        self._adds_of = _ExternalAdds().of
+        self._xattrs_of = _ExternalAdds().xattrs_of
 
     def __len__(self) -> int:
         return len(self._files)
@@ -209,7 +215,7 @@ class LateFiles:
         that are left. Each file is forgotten once its record is made (its node goes, and
         its memory is reused)."""
         take = self._files.pop
-        adds_of = self._adds_of
+        xattrs_of = self._xattrs_of
         for key in list(self._files) if nodes is None else list(map(id, nodes)):
             entry = take(key, None)
             if entry is None:
@@ -221,10 +227,7 @@ class LateFiles:
                 record.size = len(content)
                 record.data = content
                 continue
-            adds = adds_of(node)
-            xlist = record.xattrs
-            # METACOPY < REDIRECT: without xattrs of its own the list is in order already
-            record.xattrs = sorted(xlist + adds) if xlist else adds
+            record.xattrs = xattrs_of(node, record.xattrs)
             record.external = True
 
 
@@ -270,7 +273,7 @@ def flatten(root: Node, version: int, *, consume: bool = False,
     # id(xattrs dict) -> (dict, its sorted escaped items): nodes that share one xattrs dict (a
     # parsed dumpfile's labels) share the list too; the entry keeps the dict, and so its id
     sorted_lists: dict[int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]] = {}
-    adds_of = _ExternalAdds().of
+    external_xattrs = _ExternalAdds().xattrs_of
     Node_, Record = Node, InodeRecord
     S_IFMT_, S_IFDIR_, S_IFREG_, S_IFLNK_, S_IFCHR_ = S_IFMT, S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR
 
@@ -325,11 +328,9 @@ def flatten(root: Node, version: int, *, consume: bool = False,
                                      content, False))
                 continue
             if size > 0:
-                adds = adds_of(node)
-                # METACOPY < REDIRECT: without xattrs of its own the list is in order already
                 append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
-                                     node.mtime_sec, node.mtime_nsec,
-                                     sorted(xlist + adds) if xlist else adds, None, None, True))
+                                     node.mtime_sec, node.mtime_nsec, external_xattrs(node, xlist),
+                                     None, None, True))
                 continue
             append_record(Record(mode, node.nlink, node.uid, node.gid, node.rdev, size,
                                  node.mtime_sec, node.mtime_nsec, xlist, None, None, False))
