@@ -26,6 +26,15 @@ Why a hit is never a wrong digest
 * With a digest store, a hit is used only when the store still holds the object (an ``lstat``);
   otherwise the file goes through the store as usual.
 
+The image of the last build
+---------------------------
+A section also remembers, for the last image built from its tree, a key of everything the image
+was made of and the image's fs-verity digest (``image_memo``, ``remember_image``): a rebuild
+whose key is the same, into an image file that still holds exactly that image, need not make it
+again (``mkcfs.build.reuse``). The key is a SHA-256 of the walk's view of the tree, including
+every file's digest, of the options and of the code that writes images; it holds no secret
+and proves nothing by itself: the image file is checked against the digest.
+
 Crash safety, concurrency, bounds
 ---------------------------------
 The cache is one file, rewritten whole through a temporary file and ``rename`` (so a killed build
@@ -46,8 +55,9 @@ search per file). A hit is remembered as a mark on the old record, which ``save`
 it is: an unchanged tree costs no per-file bookkeeping at all.
 
 Format (little-endian): ``MAGIC``, CRC-32 of everything after this field (u32), section count
-(u32); per section a header (``_SECTION``) and ``count`` records of 8 u64 sorted by inode:
-inode, size, mtime (ns, two's complement), ctime (ns, two's complement), digest (32 bytes).
+(u32); per section a header (``_SECTION``: identity, last use, record count, the last image's
+key and digest, zeros for none) and ``count`` records of 8 u64 sorted by inode: inode, size,
+mtime (ns, two's complement), ctime (ns, two's complement), digest (32 bytes).
 """
 
 from __future__ import annotations
@@ -65,10 +75,12 @@ from mkcfs.tree import Node
 __all__ = ["DigestCache", "default_cache_path", "MAGIC", "RACY_MARGIN_NS", "MAX_SECTIONS", "MAX_ENTRIES",
            "source_identity"]
 
-MAGIC = b"MKCFSDC\x01"
+MAGIC = b"MKCFSDC\x02"
 _HEAD = struct.Struct("<8sII")                    # magic, crc32, section count
-#: machine id, boot id, st_dev, root inode, f_fsid, last used (ns), record count
-_SECTION = struct.Struct("<16s16sQQQQQ")
+#: machine id, boot id, st_dev, root inode, f_fsid, last used (ns), record count, the key
+#: and the fs-verity digest of the last image built from the tree (zeros: none)
+_SECTION = struct.Struct("<16s16sQQQQQ32s32s")
+_NO_MEMO = bytes(64)
 _RECORD = 64                                      # bytes: 4 u64 + a 32-byte digest
 _WORDS = _RECORD // 8
 _U64 = (1 << 64) - 1
@@ -121,17 +133,32 @@ def source_identity(root: bytes, st: os.stat_result) -> bytes:
 
 
 class _Section:
-    """One source tree's records as loaded: the raw bytes and a column of inode numbers."""
+    """One source tree's records as loaded: the raw bytes (a view of the file as read: only
+    the section a build uses is decoded, in ``words`` and its column of inode numbers
+    ``inodes``, the others are written back as they are)."""
 
-    __slots__ = ("identity", "last_used", "raw", "words", "inodes")
+    __slots__ = ("identity", "last_used", "raw", "memo", "_words")
 
-    def __init__(self, identity: bytes, last_used: int, raw: bytes) -> None:
+    def __init__(self, identity: bytes, last_used: int, raw: bytes | memoryview,
+                 memo: bytes = _NO_MEMO) -> None:
         self.identity = identity
         self.last_used = last_used
         self.raw = raw
-        self.words = array("Q")
-        self.words.frombytes(raw)
-        self.inodes = self.words[0::_WORDS]
+        #: the last image's key and digest (64 bytes), zeros for none
+        self.memo = memo
+        self._words: array[int] | None = None
+
+    @property
+    def words(self) -> array[int]:
+        """The records as 8 u64 words each."""
+        if self._words is None:
+            self._words = array("Q")
+            self._words.frombytes(self.raw)
+        return self._words
+
+    @property
+    def inodes(self) -> array[int]:
+        return self.words[0::_WORDS]
 
 
 def _parse(data: bytes) -> list[_Section] | None:
@@ -143,15 +170,17 @@ def _parse(data: bytes) -> list[_Section] | None:
         return None
     sections = []
     pos = _HEAD.size
+    view = memoryview(data)
     try:
         for _ in range(count):
-            machine, boot, dev, ino, fsid, last_used, n = _SECTION.unpack_from(data, pos)
+            machine, boot, dev, ino, fsid, last_used, n, key, digest = _SECTION.unpack_from(
+                data, pos)
             pos += _SECTION.size
             end = pos + n * _RECORD
             if end > len(data):
                 return None
             identity = machine + boot + struct.pack("<QQQ", dev, ino, fsid)
-            sections.append(_Section(identity, last_used, data[pos:end]))
+            sections.append(_Section(identity, last_used, view[pos:end], key + digest))
             pos = end
     except struct.error:
         return None
@@ -178,15 +207,23 @@ class DigestCache:
         self.identity = source_identity(root, st)
         self.started = time.time_ns()
         self._old: _Section | None = None
+        #: the old section's records as bytes (for ``lookup``; also its ``raw``)
+        self._old_raw = b""
         if self.identity:
             for section in _load(self.path):
                 if section.identity == self.identity:
+                    self._old_raw = bytes(section.raw)   # a copy, not a view of the whole file
+                    section.raw = self._old_raw
                     self._old = section
                     break
         #: the old section's inode -> record index (records are unique by inode)
         self._index: dict[int, int] = {}
+        #: the old section's records as words (for ``lookup``)
+        self._old_words: array[int] = array("Q")
         if self._old is not None:
-            self._index = dict(zip(self._old.inodes, range(len(self._old.inodes))))
+            inodes = self._old.inodes
+            self._index = dict(zip(inodes, range(len(inodes))))
+            self._old_words = self._old.words
         #: this build's new records: 4 words (inode, size, mtime, ctime) + digests, walk order
         self._words = array("Q")
         self._digests = bytearray()
@@ -196,15 +233,29 @@ class DigestCache:
         #: which of the old section's records a lookup returned: they stay in the section
         #: (all, and nothing new: the section is unchanged and need not be written again)
         self._hit_marks = bytearray(len(self._index))
+        #: the last image's key and digest, to save (``remember_image``)
+        self._memo = self._old.memo if self._old is not None else _NO_MEMO
+
+    @property
+    def image_memo(self) -> tuple[bytes, bytes] | None:
+        """``(key, fs-verity digest)`` of the last image built from this tree (see the module
+        docstring), or None."""
+        memo = self._memo
+        return None if memo == _NO_MEMO else (memo[:32], memo[32:])
+
+    def remember_image(self, key: bytes, digest: bytes) -> None:
+        """Remember that the image with fs-verity ``digest`` was built from the tree with
+        ``key`` (saved by ``save``)."""
+        if len(key) != 32 or len(digest) != 32:
+            raise ValueError("an image key and digest are 32 bytes each")
+        self._memo = key + digest
 
     def lookup(self, st: os.stat_result) -> bytes | None:
         """The recorded digest of the file with ``lstat`` result ``st``, if every key matches."""
         i = self._index.get(st.st_ino)
         if i is None or st.st_dev != self.dev:
             return None
-        old = self._old
-        assert old is not None
-        words = old.words
+        words = self._old_words
         base = i * _WORDS
         if (words[base + 1] != st.st_size or words[base + 2] != st.st_mtime_ns & _U64
                 or words[base + 3] != st.st_ctime_ns & _U64):
@@ -212,7 +263,15 @@ class DigestCache:
         if not self._hit_marks[i]:
             self.hits += 1
             self._hit_marks[i] = 1
-        return old.raw[i * _RECORD + 32:(i + 1) * _RECORD]
+        return self._old_raw[i * _RECORD + 32:(i + 1) * _RECORD]
+
+    def end_lookups(self) -> None:
+        """The walk is over: drop what ``lookup`` needs (~20 MB for 115k records), which a
+        cache kept until after the image is made (``save`` then) would hold in vain."""
+        self._index = {}
+        self._old_words = array("Q")
+        if self._old is not None:
+            self._old._words = None   # decoded again if ``save`` needs it
 
     def cacheable(self, st: os.stat_result) -> bool:
         """Whether a file with ``lstat`` result ``st`` can be recorded (same device, not racy)."""
@@ -273,17 +332,18 @@ class DigestCache:
         self._words.frombytes(words)
         self._digests += digests
 
-    def _body(self) -> tuple[bytes, int]:
-        """This build's section: the old records a lookup hit (copied as they are) merged with
-        the new ones, sorted by inode, one record per inode; and its record count."""
+    def _body(self) -> tuple[list[bytes | bytearray | memoryview], int]:
+        """This build's section, in pieces: the old records a lookup hit (copied as they are)
+        merged with the new ones, sorted by inode, one record per inode; and its record
+        count."""
         words, digests = self._words, self._digests
         inodes = words[0::4]
         order = sorted(range(len(inodes)), key=inodes.__getitem__)
         old = self._old
         marks = self._hit_marks
         old_inodes = old.inodes if old is not None else array("Q")
-        raw = old.raw if old is not None else b""
-        pieces: list[bytes | bytearray] = []
+        raw = memoryview(self._old_raw)
+        pieces: list[bytes | bytearray | memoryview] = []
         count = 0
         done = 0   # old records before this index are merged already
 
@@ -308,7 +368,7 @@ class DigestCache:
             pieces.append(digests[32 * i:32 * i + 32])
             count += 1
         old_records(len(marks))
-        return b"".join(pieces), count
+        return pieces, count
 
     def save(self) -> None:
         """Write this build's section, keeping the other sections of the file as it is now."""
@@ -316,14 +376,13 @@ class DigestCache:
             return
         old = self._old
         if (old is not None and self._hit_marks.count(0) == 0
-                and not self._words and not self._pending_nodes
+                and not self._words and not self._pending_nodes and self._memo == old.memo
                 and time.time_ns() - old.last_used < REFRESH_NS):
             return   # every file hit and nothing new: the file already says all of it
         body, count = self._body()
-        now = time.time_ns()
-        mine = _Section.__new__(_Section)
-        mine.identity, mine.last_used, mine.raw = self.identity, now, body
-        sections = [mine]
+        # (the file is put together from views of its pieces: one copy of it in memory, which
+        # matters when this runs next to a large build's image)
+        sections = [(self.identity, time.time_ns(), count, self._memo, body)]
         total = count
         others = sorted((s for s in _load(self.path) if s.identity != self.identity),
                         key=lambda s: s.last_used, reverse=True)
@@ -331,18 +390,23 @@ class DigestCache:
             entries = len(section.raw) // _RECORD
             if len(sections) >= MAX_SECTIONS or total + entries > MAX_ENTRIES:
                 break
-            sections.append(section)
+            sections.append((section.identity, section.last_used, entries, section.memo,
+                             [section.raw]))
             total += entries
-        parts = [b""]
-        for section in sections:
-            machine, boot = section.identity[:16], section.identity[16:32]
-            dev, ino, fsid = struct.unpack("<QQQ", section.identity[32:])
-            parts.append(_SECTION.pack(machine, boot, dev, ino, fsid, section.last_used,
-                                       len(section.raw) // _RECORD))
-            parts.append(section.raw)
-        tail = b"".join(parts)
-        crc = zlib.crc32(struct.pack("<I", len(sections)) + tail)
-        data = _HEAD.pack(MAGIC, crc, len(sections)) + tail
+        parts: list[bytes | bytearray | memoryview] = [b"", struct.pack("<I", len(sections))]
+        for identity, last_used, entries, memo, pieces in sections:
+            machine, boot = identity[:16], identity[16:32]
+            dev, ino, fsid = struct.unpack("<QQQ", identity[32:])
+            parts.append(_SECTION.pack(machine, boot, dev, ino, fsid, last_used, entries,
+                                       memo[:32], memo[32:]))
+            parts += pieces
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        parts[0] = _HEAD.pack(MAGIC, crc, len(sections))
+        del parts[1]   # (in the header)
+        data = b"".join(parts)
+        del parts, sections, others, body
         from mkcfs.fsutil import write_atomically
         try:
             write_atomically(self.path, data, mode=0o600)
