@@ -22,7 +22,11 @@ as mkcomposefs 1.0.8 given the same directory and options:
   with ``digest_store`` each such file is also put into that object store (``mkcfs.store.objects``).
   A rebuild that expects to find most files in the digest cache (``mkcfs.store.cache``) has
   little to read, so those workers walk parts of the tree instead and send them back packed
-  (``_Walker.walk_shared``; not with ``hardlinks``): the same tree.
+  (``_Walker.walk_shared``; not with ``hardlinks``): the same tree. Such a walk also gives
+  ``WalkInProgress.tree_key``, a SHA-256 of everything it saw (each directory's entries with
+  their metadata, xattrs, symlink targets, inline contents and digests, and the options that
+  shape them), which tells a rebuild that the tree is the one its last image was made from
+  (``mkcfs.build.reuse``).
   A store inside the source tree is filled only after the walk, and the store directory is
   created only when the first object is stored, as mkcomposefs 1.0.8 does: the image lists the
   store (and its objects) exactly when it existed before the build.
@@ -136,6 +140,10 @@ class _Walker:
         #: shared int objects for the values many nodes have in common
         self.modes: dict[int, int] = {}
         self.mtimes: dict[int, tuple[int, int]] = {}
+        #: a shared walk: the directories this process scanned, and (path, digest of its
+        #: entries) of those the workers scanned (``tree_key``)
+        self.own_dirs: list[tuple[bytes, Node]] = []
+        self.dir_digests: list[tuple[bytes, bytes]] = []
 
     # -- one inode --------------------------------------------------------------------------
 
@@ -195,6 +203,9 @@ class _Walker:
             self.walk(directories)
         if self.options.hardlinks:
             self.resolve_links()
+        # the walk's lookup tables are done with (this walker lives on for ``tree_key``; one
+        # entry per distinct mtime is ~20 MB for /usr)
+        self.seen, self.modes, self.mtimes = {}, {}, {}
         return root
 
     def walk(self, queue: list[tuple[bytes, Node]]) -> None:
@@ -230,6 +241,7 @@ class _Walker:
             below: list[tuple[bytes, Node]] = []
             for path, node in frontier:
                 self.count(self.scan(path, node, below))
+            self.own_dirs += frontier
             frontier = below
         running: dict[Future, list[tuple[bytes, Node]]] = {}
         call = self.pool.call
@@ -260,29 +272,32 @@ class _Walker:
     def graft(self, job: list[tuple[bytes, Node]], packed: bytes) -> list[tuple[bytes, Node]]:
         """Put the subtrees a worker walked (``_walk_in_worker``) below the job's nodes; the
         directories it left for later, with their nodes."""
-        count, subtrees, updates = marshal.loads(packed)
+        count, directories, left_paths, updates = marshal.loads(packed)
         self.count(count)
         if updates is not None:
             assert self.cache is not None
             self.cache.apply_updates(updates)
         no_xattrs = self.no_xattrs
         Node_ = Node
-        left: list[tuple[bytes, Node]] = []
-        pending: list[tuple[Any, list]] = [
-            (node.children, entries) for (_, node), entries in zip(job, subtrees)]
-        while pending:
-            children, entries = pending.pop()
-            for (name, mode, uid, gid, rdev, size, sec, nsec, payload, content, digest, xattrs,
-                 below) in entries:
-                node = Node_(mode, 1, uid, gid, rdev, size, sec, nsec, payload, content, digest,
-                             xattrs or no_xattrs)
+        loads = marshal.loads
+        join = os.path.join
+        add_digest = self.dir_digests.append
+        # one int object per distinct mode and mtime, as ``scan`` makes them (the entries
+        # come without the sharing they had in the worker): ~10 MB less for /usr
+        shared = self.modes.setdefault
+        #: the directories found and not filled yet, by path
+        found: dict[bytes, Node] = dict(job)
+        for path, entries, digest in directories:   # each after its parent
+            add_digest((path, digest))
+            children: Any = found.pop(path).children
+            for (name, mode, uid, gid, rdev, size, sec, nsec, payload, content, digest,
+                 xattrs) in loads(entries):
+                node = Node_(shared(mode, mode), 1, uid, gid, rdev, size, shared(sec, sec),
+                             shared(nsec, nsec), payload, content, digest, xattrs or no_xattrs)
                 children[name] = node
-                if below is not None:
-                    if below.__class__ is list:
-                        pending.append((node.children, below))
-                    else:   # its path: a directory the worker left for later
-                        left.append((below, node))
-        return left
+                if mode & _S_IFMT == _S_IFDIR:
+                    found[join(path, name)] = node
+        return [(path, found[path]) for path in left_paths]
 
     def count(self, entries: int) -> None:
         if self.progress is not None:
@@ -377,6 +392,23 @@ class _Walker:
             raise walk_error("error accessing", dpath, exc) from None
         return count
 
+    def tree_key(self, root: Node) -> bytes:
+        """After a shared walk whose files all have their contents: the SHA-256 of the tree
+        (see the module docstring) below ``root``, the same for the same tree whichever
+        process scanned which directory."""
+        from hashlib import sha256
+
+        digests = self.dir_digests + [
+            (path, _entries_digest(path, _directory_entries(node.children)))  # type: ignore[arg-type]
+            for path, node in self.own_dirs]
+        digests.sort()
+        options = self.options
+        head = marshal.dumps((options.use_epoch, options.skip_devices, options.skip_xattrs,
+                              options.user_xattrs, options.hardlinks),
+                             _CANONICAL) + _directory_entries({b"": root})
+        return sha256(b"".join([head, *(path + b"\0" + digest for path, digest in digests)])
+                      ).digest()
+
     def resolve_links(self) -> None:
         """hardlinks mode: one node per inode (the first path in sorted depth-first order),
         the other paths become ``HardLink``s to it."""
@@ -426,11 +458,10 @@ _forked: tuple[WalkOptions, DigestCache | None] | None = None
 def _walk_in_worker(paths: list[bytes]) -> bytes:
     """In a worker process: walk the directories ``paths`` as ``_Walker.walk`` does, read
     their new and small files, and return everything packed (``marshal``) for
-    ``_Walker.graft``: the entry count; per directory its entries as tuples (name, mode, uid,
-    gid, rdev, size, mtime sec, nsec, payload, content, digest, xattrs or None, the entries
-    below it (a list), or its path when it was left for another job, or None); the digest
-    cache's updates. It stops taking directories from its stack after ``_JOB_ENTRIES``
-    entries (the directories it was given are always read)."""
+    ``_Walker.graft``: the entry count; each directory walked, after its parent, as ``(path,
+    entries, digest)`` (``_pack``); the paths of the directories found and left for another
+    job; the digest cache's updates. It stops taking directories from its stack after
+    ``_JOB_ENTRIES`` entries (the directories it was given are always read)."""
     assert _forked is not None
     options, cache = _forked
     files = _WorkerFiles()
@@ -451,29 +482,51 @@ def _walk_in_worker(paths: list[bytes]) -> bytes:
     if cache is not None:
         cache.collect()
         updates = cache.take_updates()
-    return marshal.dumps((count, [_pack(top, left) for top in tops], updates))
+    return marshal.dumps((count, _pack(list(zip(paths, tops)), left), list(left.values()),
+                          updates))
 
 
-def _pack(top: Node, left: dict[int, bytes]) -> list:
-    """The entries below ``top`` as ``_walk_in_worker`` returns them; a directory in ``left``
-    (``id`` -> path) is not walked yet: its path stands for the entries below it."""
-    out: list = []
-    pending = [(top, out)]
+def _pack(tops: list[tuple[bytes, Node]], left: dict[int, bytes]) -> list[tuple[bytes, bytes,
+                                                                                 bytes]]:
+    """The directories walked below the ``tops`` ``(path, node)``, each after its parent, as
+    ``(path, entries, digest)``: ``_directory_entries`` and ``_entries_digest``; a directory
+    in ``left`` (``id`` -> path) is not walked yet and has none."""
+    out: list[tuple[bytes, bytes, bytes]] = []
+    add = out.append
+    pending = list(tops)
+    join = os.path.join
     while pending:
-        node, into = pending.pop()
-        add = into.append
-        for name, child in node.children.items():  # type: ignore[union-attr]
-            assert isinstance(child, Node)
-            below: list | bytes | None = None
-            if child.children is not None:
-                below = left.get(id(child))
-                if below is None:
-                    below = []
-                    pending.append((child, below))
-            add((name, child.mode, child.uid, child.gid, child.rdev, child.size, child.mtime_sec,
-                 child.mtime_nsec, child.payload, child.content, child.digest,
-                 child.xattrs or None, below))
+        path, node = pending.pop()
+        children = node.children
+        assert children is not None
+        for name, child in children.items():
+            if child.children is not None and id(child) not in left:  # type: ignore[union-attr]
+                pending.append((join(path, name), child))  # type: ignore[arg-type]
+        entries = _directory_entries(children)
+        add((path, entries, _entries_digest(path, entries)))
     return out
+
+
+#: marshal's version 2 writes no back-references: the same values give the same bytes, whatever
+#: objects they are (version 3 and later mark objects seen twice)
+_CANONICAL = 2
+
+
+def _directory_entries(children: dict) -> bytes:
+    """What the image takes from the entries of a directory, packed (``marshal``, canonical):
+    per entry in name order its name and the node's fields but its children. A worker sends
+    this, and it is what ``_entries_digest`` hashes."""
+    return marshal.dumps([(name, node.mode, node.uid, node.gid, node.rdev, node.size,
+                           node.mtime_sec, node.mtime_nsec, node.payload, node.content,
+                           node.digest, node.xattrs or None)
+                          for name, node in children.items()], _CANONICAL)
+
+
+def _entries_digest(path: bytes, entries: bytes) -> bytes:
+    """The SHA-256 of the directory at ``path`` with these ``_directory_entries``."""
+    from hashlib import sha256
+
+    return sha256(path + b"\0" + entries).digest()
 
 
 def walk_directory(path: PathArg, options: WalkOptions | None = None) -> Node:
@@ -493,20 +546,33 @@ class WalkInProgress:
     ``payload`` only in ``wait()``. Until then the caller may read everything else of the tree
     (what does not depend on file contents), and must call ``wait()`` or ``abort()``."""
 
-    def __init__(self, root: Node, finish: Callable[[Filled | None], None],
-                 abort: Callable[[], None]) -> None:
+    def __init__(self, root: Node, finish: Callable[[Filled | None, bool], None],
+                 abort: Callable[[], None], cache: DigestCache | None = None,
+                 shared: bool = False) -> None:
         self.root = root
-        self._finish: Callable[[Filled | None], None] | None = finish
+        #: whether the workers walked parts of the tree (a rebuild that expects to find its
+        #: files in the digest cache): only such a walk gives a ``tree_key``
+        self.shared = shared
+        self._finish: Callable[[Filled | None, bool], None] | None = finish
         self._abort = abort
+        #: the digest cache this walk uses (``--digest-cache``), or None
+        self.cache = cache
+        #: after ``wait(for_reuse=True)`` of a walk shared with the workers (a rebuild that
+        #: expected to find its files in the cache): the SHA-256 of the tree as walked (see
+        #: the module docstring); None otherwise
+        self.tree_key: bytes | None = None
 
-    def wait(self, filled: Filled | None = None) -> None:
+    def wait(self, filled: Filled | None = None, *, for_reuse: bool = False) -> None:
         """Wait for the files to be read and fill their nodes; raise the walk's error (a file
         that could not be read, a store that could not be written) if there was one.
         ``filled(nodes)`` is called with each group of nodes as soon as they are filled (not
-        necessarily with every node: look at the others after ``wait()``)."""
+        necessarily with every node: look at the others after ``wait()``). The digest cache
+        is written then, except with ``for_reuse``: then ``tree_key`` is set too (the tree
+        must be whole: not flattened yet), and the caller calls ``cache.save()`` (after
+        ``cache.remember_image``, say)."""
         finish, self._finish = self._finish, None
         if finish is not None:
-            finish(filled)
+            finish(filled, for_reuse)
 
     def abort(self) -> None:
         """Stop reading files (the build failed elsewhere): nothing is left running, and the
@@ -577,12 +643,17 @@ def start_walk(path: PathArg, options: WalkOptions | None = None) -> WalkInProgr
             if store_after_walk is not None:
                 store_after_walk.close()
 
-    def finish(filled: Filled | None) -> None:
+    def finish(filled: Filled | None, for_reuse: bool) -> None:
         try:
             pool.finish(filled)
+            if for_reuse and shared:
+                walk.tree_key = walker.tree_key(root)
             if cache is not None:
                 cache.collect()
-                cache.save()
+                if not for_reuse:
+                    cache.save()
+                else:
+                    cache.end_lookups()
         except BaseException:
             pool.abort()
             if store_after_walk is not None:
@@ -599,11 +670,12 @@ def start_walk(path: PathArg, options: WalkOptions | None = None) -> WalkInProgr
     try:
         if shared:
             pool.prepare_store()   # the workers store the new files they find
-        root = _Walker(options, pool, progress, cache, store).run(src, st, shared)
+        walker = _Walker(options, pool, progress, cache, store)
+        root = walker.run(src, st, shared)
     except BaseException:
         abort()
         raise
-    walk = WalkInProgress(root, finish, abort)
+    walk = WalkInProgress(root, finish, abort, cache, shared)
     if store_after_walk is not None:
         walk.wait()   # it reads the whole tree again: before anyone takes it apart
     return walk
