@@ -42,9 +42,10 @@ A PATH holding ':' is taken whole when it exists; otherwise the last ':' starts 
 options:
   --digest-store=PATH   copy files larger than 64 bytes into the object store PATH
   --digest-cache=PATH   remember file digests in PATH and do not read again the files
-                        whose inode, size, mtime and ctime are unchanged (directory
-                        source; default: PATH/.mkcfs-digest-cache of --digest-store,
-                        unless the store lies inside SOURCE)
+                        whose inode, size, mtime and ctime are unchanged, and keep
+                        IMAGE as it is when it holds the image of the unchanged tree
+                        (directory source; default: PATH/.mkcfs-digest-cache of
+                        --digest-store, unless the store lies inside SOURCE)
   --no-digest-cache     use no digest cache
   --use-epoch           set every mtime to 0 (directory or image source)
   --skip-devices        leave out character and block devices (directory or image)
@@ -198,18 +199,37 @@ def _main(argv: list[str]) -> int:
     # a build into a store holds the store lock until its image is in place (mkcfs.store.lock)
     stores = "digest-store" in opts and not from_file
     held = _hold_store(opts["digest-store"]) if stores else None
+    digest = None
     try:
-        image = build_image_from(load_tree if stats is None else _counted(load_tree, stats),
-                                 min_version=min_version, max_version=max_version,
-                                 dispose=common.keep_to_exit)
-
-        if image_path == "-":
-            common.write_stdout(image.data)
-        elif image_path is not None:
-            try:
-                write_atomically(image_path, image.data)
-            except OSError as exc:
-                _fail(f"cannot write {image_path}: {exc.strerror or exc}")
+        walk = key = None
+        if (image_source is None and not from_file and stats is None and image_path != "-"):
+            walk = load_tree()
+            if walk.shared:   # a rebuild: it may be that of the last image (mkcfs.build.reuse)
+                walk.wait(for_reuse=True)
+                from mkcfs.build.reuse import image_key
+                assert walk.tree_key is not None and walk.cache is not None
+                key = image_key(walk.tree_key, min_version, max_version)
+                digest = _reused_image(walk.cache, key, image_path)
+        try:
+            if digest is None:
+                image = build_image_from(
+                    (load_tree if walk is None else lambda: walk) if stats is None
+                    else _counted(load_tree, stats),
+                    min_version=min_version, max_version=max_version,
+                    dispose=common.keep_to_exit)
+                if image_path == "-":
+                    common.write_stdout(image.data)
+                elif image_path is not None:
+                    try:
+                        write_atomically(image_path, image.data)
+                    except OSError as exc:
+                        _fail(f"cannot write {image_path}: {exc.strerror or exc}")
+                if key is not None:
+                    digest = image.fsverity_digest()
+                    walk.cache.remember_image(key, digest)  # type: ignore[union-attr]
+        finally:
+            if key is not None:
+                walk.cache.save()  # type: ignore[union-attr]
     finally:
         if held is not None:
             held.close()
@@ -219,8 +239,28 @@ def _main(argv: list[str]) -> int:
         stats.finish(len(image.data), image.version)
         _print_stats(stats, opts["stats"] == "json")
     if print_digest:
-        common.write_stdout((image.fsverity_digest().hex() + "\n").encode())
+        if digest is None:
+            digest = image.fsverity_digest()
+        common.write_stdout((digest.hex() + "\n").encode())
     return 0
+
+
+def _reused_image(cache, key: bytes, image_path: str | None) -> bytes | None:
+    """The digest of the image the last build made from this tree when ``key`` is that
+    build's and ``image_path`` (None: --print-digest-only) still holds that image, which is
+    then kept as it is (its mtime set, as a rewrite would); else None."""
+    memo = cache.image_memo
+    if memo is None or memo[0] != key:
+        return None
+    if image_path is not None:
+        from mkcfs.build.reuse import holds_image
+        if not holds_image(image_path, memo[1]):
+            return None
+        try:
+            os.utime(image_path)
+        except OSError:
+            return None
+    return memo[1]
 
 
 def _counted(load_tree, stats):

@@ -1,0 +1,239 @@
+"""Reusing the last image (mkcfs.build.reuse): a rebuild of an unchanged tree into the same image
+file keeps that file, and any change of the tree, the options, the code or the image file
+itself gives a full build whose image is the uncached one.
+
+Each case that must build again is checked against the control that the same rebuild without
+the change does reuse (the image file keeps its inode): so a test fails if the key missed what
+the case changes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import fsverity
+
+from mkcfs.build import image as image_mod
+from mkcfs.build import reuse
+from mkcfs.build.image import build_image
+from mkcfs.cli import mkcomposefs
+from mkcfs.sources import walk as walk_mod
+from mkcfs.sources.walk import WalkOptions, start_walk, walk_directory
+from mkcfs.store import cache as cache_mod
+
+
+@pytest.fixture(autouse=True)
+def no_racy_margin(monkeypatch):
+    """Files made by a test are seconds old at most: cache them anyway."""
+    monkeypatch.setattr(cache_mod, "RACY_MARGIN_NS", -3600 * 10**9)
+
+
+def make_tree(src) -> None:
+    for d in range(20):
+        sub = src / f"d{d:02}" / "deeper"
+        sub.mkdir(parents=True)
+        for i in range(4):
+            (sub.parent / f"f{i}").write_bytes(bytes([d, i]) * (60 * i))
+        (sub / "small").write_bytes(b"s" * (d + 1))
+        os.symlink(f"../f{d % 4}", sub / "link")
+        (sub / "file").write_bytes(b"x" * 300 + bytes([d]))
+
+
+def uncached(src) -> bytes:
+    return bytes(build_image(walk_directory(src, WalkOptions(threads=1))).data)
+
+
+def run(src, img, *extra, capsys=None) -> str:
+    status = mkcomposefs.main([f"--digest-cache={src.parent / 'cache'}", "--threads=2",
+                               *extra, str(src), *([str(img)] if img else [])])
+    assert status == 0
+    return capsys.readouterr().out if capsys else ""
+
+
+def primed(tmp_path):
+    """A tree, and an image of it built twice with the cache (the first build fills the digest
+    cache; the second, which walks with the workers, remembers its image)."""
+    src = tmp_path / "src"
+    make_tree(src)
+    img = tmp_path / "out.img"
+    run(src, img)
+    run(src, img)
+    return src, img
+
+
+def test_unchanged_rebuild_keeps_the_image_file(tmp_path, monkeypatch, capsys):
+    src, img = primed(tmp_path)
+    capsys.readouterr()
+    before = os.stat(img)
+    assert img.read_bytes() == uncached(src)
+    monkeypatch.setattr(image_mod, "build_image_from",
+                        lambda *a, **k: pytest.fail("an unchanged tree was built again"))
+    time.sleep(0.01)
+    out = run(src, img, "--print-digest", capsys=capsys)
+    after = os.stat(img)
+    assert after.st_ino == before.st_ino
+    assert after.st_mtime_ns > before.st_mtime_ns   # touched as a rewrite would
+    assert out == fsverity.digest_bytes(img.read_bytes()).hex() + "\n"
+    assert img.read_bytes() == uncached(src)
+    # --print-digest-only needs no image file
+    assert run(src, None, "--print-digest-only", capsys=capsys) == out
+
+
+def _chmod(src):
+    os.chmod(src / "d07" / "f2", 0o600)
+
+
+def _xattr(src):
+    try:
+        os.setxattr(src / "d12" / "deeper" / "file", "user.k", b"v")
+    except OSError as exc:
+        pytest.skip(f"no user xattrs here: {exc}")
+
+
+def _content_same_size_and_mtime(src):
+    path = src / "d15" / "deeper" / "file"
+    st = os.lstat(path)
+    time.sleep(0.02)
+    path.write_bytes(b"y" * 300 + b"\x0f")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _inline_content(src):
+    path = src / "d03" / "deeper" / "small"
+    st = os.lstat(path)
+    path.write_bytes(b"t" * st.st_size)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _mtime(src):
+    os.utime(src / "d09" / "f1", ns=(0, 10**9))
+
+
+def _rename(src):
+    os.rename(src / "d05" / "f3", src / "d05" / "f4")
+
+
+def _add(src):
+    (src / "d18" / "deeper" / "new").write_bytes(b"n" * 100)
+
+
+def _remove(src):
+    os.unlink(src / "d01" / "f1")
+
+
+def _symlink_target(src):
+    link = src / "d11" / "deeper" / "link"
+    os.unlink(link)
+    os.symlink("../f00", link)   # the same length
+
+
+def _empty_directory(src):
+    (src / "d19" / "deeper" / "empty").mkdir()
+
+
+def _root_mode(src):
+    os.chmod(src, 0o700)
+
+
+CHANGES = [_chmod, _xattr, _content_same_size_and_mtime, _inline_content, _mtime, _rename,
+           _add, _remove, _symlink_target, _empty_directory, _root_mode]
+
+
+@pytest.mark.parametrize("change", [None, *CHANGES],
+                         ids=lambda c: "control" if c is None else c.__name__.strip("_"))
+def test_any_change_of_the_tree_builds_again(tmp_path, change):
+    src, img = primed(tmp_path)
+    before = os.stat(img).st_ino
+    if change is not None:
+        change(src)
+    run(src, img)
+    if change is None:
+        assert os.stat(img).st_ino == before
+    else:
+        assert os.stat(img).st_ino != before
+    assert img.read_bytes() == uncached(src)
+    run(src, img)   # and the new image is remembered in its turn
+    assert img.read_bytes() == uncached(src)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove", "directory"])
+def test_image_file_changed_since_is_built_again(tmp_path, damage):
+    src, img = primed(tmp_path)
+    good = img.read_bytes()
+    if damage == "flip":
+        data = bytearray(good)
+        data[len(data) // 2] ^= 1
+        img.write_bytes(bytes(data))
+    elif damage == "truncate":
+        img.write_bytes(good[:-4096])
+    elif damage == "remove":
+        img.unlink()
+    else:
+        img.unlink()
+        img.mkdir()
+        img = tmp_path / "other.img"
+    run(src, img)
+    assert img.read_bytes() == good
+
+
+@pytest.mark.parametrize("option", ["--use-epoch", "--min-version=1", "--user-xattrs",
+                                    "--skip-devices", "--code-changed"])
+def test_other_options_or_code_build_again(tmp_path, monkeypatch, option):
+    src, img = primed(tmp_path)
+    (src / "d02" / "deeper" / "dev").touch()   # a new file: the next two builds differ
+    run(src, img)
+    before = os.stat(img).st_ino
+    if option == "--code-changed":
+        monkeypatch.setattr(reuse, "code_fingerprint", lambda: b"\x01" * 32)
+        extra: list[str] = []
+    else:
+        extra = [option]
+    run(src, img, *extra)
+    assert os.stat(img).st_ino != before
+    expected = WalkOptions(threads=1, use_epoch=option == "--use-epoch",
+                           user_xattrs=option == "--user-xattrs",
+                           skip_devices=option == "--skip-devices")
+    assert img.read_bytes() == bytes(build_image(
+        walk_directory(src, expected), min_version=1 if option == "--min-version=1" else 0
+    ).data)
+
+
+@pytest.mark.parametrize("job_entries,min_dirs", [(3000, 16), (1, 16), (1, 1), (50, 64)])
+def test_tree_key_is_the_same_however_the_walk_was_shared(tmp_path, monkeypatch, job_entries,
+                                                          min_dirs):
+    src, _ = primed(tmp_path)
+    options = WalkOptions(threads=2, digest_cache=tmp_path / "cache")
+
+    def key() -> bytes:
+        walk = start_walk(src, options)
+        assert walk.shared
+        walk.wait(for_reuse=True)
+        assert walk.tree_key is not None
+        return walk.tree_key
+
+    reference = key()
+    monkeypatch.setattr(walk_mod, "_JOB_ENTRIES", job_entries)
+    monkeypatch.setattr(walk_mod, "_SHARED_MIN_DIRS", min_dirs)
+    assert key() == reference
+    os.chmod(src / "d10" / "deeper", 0o700)   # deep in a part a worker walks
+    assert key() != reference
+
+
+def test_code_fingerprint_follows_the_modules(tmp_path, monkeypatch):
+    """An edit of a module (size or mtime) changes the fingerprint."""
+    reuse.code_fingerprint.cache_clear()
+    first = reuse.code_fingerprint()
+    layout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "erofs", "layout.py")
+    st = os.stat(layout)
+    try:
+        os.utime(layout, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        reuse.code_fingerprint.cache_clear()
+        assert reuse.code_fingerprint() != first
+    finally:
+        os.utime(layout, ns=(st.st_atime_ns, st.st_mtime_ns))
+        reuse.code_fingerprint.cache_clear()
+    assert reuse.code_fingerprint() == first
