@@ -135,10 +135,16 @@ class InlineEntries(dict[int, Callable[[bytes], bytes]]):
 
     def new(self, value_size: int) -> Callable[[bytes], bytes]:
         """The packer for values of ``value_size`` bytes (remembered)."""
-        head = _pack_entry_header(len(self.suffix), self.name_index, value_size) + self.suffix
-        layout = struct.Struct(f"<{len(head)}s{value_size}s{-(len(head) + value_size) & 3}x")
+        head, padding = self.head(value_size)
+        layout = struct.Struct(f"<{len(head)}s{value_size}s{padding}x")
         pack = self[value_size] = partial(layout.pack, head)
         return pack
+
+    def head(self, value_size: int) -> tuple[bytes, int]:
+        """An entry's bytes before a value of ``value_size`` bytes (header and name suffix),
+        and the zero bytes after it."""
+        head = _pack_entry_header(len(self.suffix), self.name_index, value_size) + self.suffix
+        return head, -(len(head) + value_size) & 3
 
 
 class InodePackers(dict[int, Callable[..., None]]):
@@ -250,6 +256,12 @@ _FILE_TYPES = [{S_IFREG: EROFS_FT_REG_FILE, S_IFDIR: EROFS_FT_DIR, S_IFCHR: EROF
                 S_IFBLK: EROFS_FT_BLKDEV, S_IFIFO: EROFS_FT_FIFO, S_IFSOCK: EROFS_FT_SOCK,
                 S_IFLNK: EROFS_FT_SYMLINK}.get(t << 12, EROFS_FT_UNKNOWN) for t in range(16)]
 _FF = b"\xff" * (4 * LCFS_MAX_NONINLINE_CHUNKS)
+#: the largest file of one chunk (chunkbits is at most 43)
+_MAX_SINGLE_CHUNK = 1 << 43
+#: ``i_format`` of a chunk-based compact and extended inode
+_CHUNK_BASED_COMPACT = EROFS_INODE_CHUNK_BASED << 1
+_CHUNK_BASED_EXTENDED = (EROFS_INODE_CHUNK_BASED << 1) | 1
+_FT_REG_FILE = EROFS_FT_REG_FILE
 _ZEROS = bytes(1 << 20)
 
 
@@ -311,6 +323,29 @@ def _pair_shape(xattrs: XattrPlan, shape_key: tuple[bytes, bytes, int, int]
             entries0.get(size0) or entries0.new(size0), entries1.get(size1) or entries1.new(size1))
 
 
+#: an external file's inode with two inline xattrs and one chunk index, packed in one call:
+#: ``(pack_into, body header, entry head 0, entry head 1, bytes after the inode)`` by
+#: ``(compact, key 0, key 1, value size 0, value size 1)``
+_FusedPacker = tuple[Callable[..., None], bytes, bytes, bytes, int]
+
+
+def _fused_external(xattrs: XattrPlan, compact: bool,
+                    shape_key: tuple[bytes, bytes, int, int]) -> _FusedPacker:
+    """The one-call packer of an external file's inode (compact or extended), its body of two
+    inline xattrs with these keys and value sizes, and its 0xFF chunk index."""
+    key0, key1, size0, size1 = shape_key
+    mask0, entries0 = xattrs.key_info.get(key0) or xattrs.split_key(key0)
+    mask1, entries1 = xattrs.key_info.get(key1) or xattrs.split_key(key1)
+    header = XATTR_IBODY_HEADER.pack(_U32 & ~(mask0 | mask1), 0, b"")
+    head0, pad0 = entries0.head(size0)
+    head1, pad1 = entries1.head(size1)
+    inode = INODE_COMPACT if compact else INODE_EXTENDED
+    layout = struct.Struct(f"{inode.format}{len(header)}s{len(head0)}s{size0}s{pad0}x"
+                           f"{len(head1)}s{size1}s{pad1}x4s")
+    after = len(header) + len(head0) + size0 + pad0 + len(head1) + size1 + pad1
+    return layout.pack_into, header, head0, head1, after
+
+
 def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
     """Place and pack ``records`` (BFS order, root first) exactly as mkcomposefs 1.0.8 would."""
     table = InodeTable()
@@ -350,12 +385,55 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
     shapes: dict[tuple[bytes, bytes, int, int], tuple[bytes, Callable[[bytes], bytes],
                                                        Callable[[bytes], bytes]]] = {}
     get_shape = shapes.get
+    # (compact, key, key, value size, value size) -> _fused_external
+    fused: dict[tuple[bool, bytes, bytes, int, int], _FusedPacker] = {}
+    get_fused = fused.get
     body = b""
     n_refs = 0
     for index, rec in enumerate(records):
         mode = rec.mode
         ftype = mode & S_IFMT
         size = rec.size
+        if rec.external and ftype == S_IFREG:
+            rec_xattrs = rec.xattrs
+            if (len(rec_xattrs) == 2 and 0 < size <= _MAX_SINGLE_CHUNK
+                    and (get_shared is None or (get_shared(rec_xattrs[0]) is None
+                                                and get_shared(rec_xattrs[1]) is None))):
+                # the common case, what the general path below does for it in one call: an
+                # external file of one chunk whose two xattrs (metacopy and redirect) are its
+                # own; its 4-byte chunk index, 4-aligned, never crosses a block
+                (key0, value0), (key1, value1) = rec_xattrs
+                compact = (rec.mtime_sec == build_time and rec.mtime_nsec == build_time_nsec
+                           and rec.nlink <= _U16 and rec.uid <= _U16 and rec.gid <= _U16
+                           and size <= _U32)
+                fused_key = (compact, key0, key1, len(value0), len(value1))
+                packer = get_fused(fused_key)
+                if packer is None:
+                    packer = fused[fused_key] = _fused_external(xattrs, compact, fused_key[1:])
+                pack_fused, header, head0, head1, after = packer
+                chunkbits = (size - 1).bit_length()
+                i_u = chunkbits - 12 if chunkbits > 12 else 0
+                p = (pos + 31) & ~31
+                if compact:
+                    pos = p + 32 + after + 4
+                    if pos > capacity:
+                        extend_with_zeros(out, max(capacity >> 1, pos - capacity))
+                        capacity = len(out)
+                    pack_fused(out, p, _CHUNK_BASED_COMPACT, (after - 8) >> 2, mode & _U16,
+                               rec.nlink, size, 0, i_u, index, rec.uid, rec.gid, 0,
+                               header, head0, value0, head1, value1, ff4)
+                else:
+                    pos = p + 64 + after + 4
+                    if pos > capacity:
+                        extend_with_zeros(out, max(capacity >> 1, pos - capacity))
+                        capacity = len(out)
+                    pack_fused(out, p, _CHUNK_BASED_EXTENDED, (after - 8) >> 2, mode & _U16, 0,
+                               size, i_u, index, rec.uid & _U32, rec.gid & _U32,
+                               rec.mtime_sec & _U64, rec.mtime_nsec & _U32, rec.nlink & _U32,
+                               b"", header, head0, value0, head1, value1, ff4)
+                add_nid(p >> 5)
+                add_file_type(_FT_REG_FILE)
+                continue
         # --- data: (n_blocks, tail), i_size, i_u, data layout -------------------------------------
         n_blocks = 0
         i_u = 0
