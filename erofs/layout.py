@@ -394,14 +394,51 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
         mode = rec.mode
         ftype = mode & S_IFMT
         size = rec.size
-        if rec.external and ftype == S_IFREG:
+        if rec.external and ftype == S_IFREG and 0 < size <= _MAX_SINGLE_CHUNK:
+            # an external file of one chunk: its 4-byte chunk index, 4-aligned, never crosses
+            # a block, so no tail rule applies; the two common cases in one call each
             rec_xattrs = rec.xattrs
-            if (len(rec_xattrs) == 2 and 0 < size <= _MAX_SINGLE_CHUNK
+            known = known_body(id(rec_xattrs))
+            if known is not None:
+                # an xattr list several records hold (files with the same contents): its
+                # body, with the chunk index, is known
+                body, n_refs, body_ff = known
+                assert body_ff is not None
+                compact = (rec.mtime_sec == build_time and rec.mtime_nsec == build_time_nsec
+                           and rec.nlink <= _U16 and rec.uid <= _U16 and rec.gid <= _U16
+                           and size <= _U32)
+                chunkbits = (size - 1).bit_length()
+                i_u = chunkbits - 12 if chunkbits > 12 else 0
+                p = (pos + 31) & ~31
+                q = p + 32 if compact else p + 64
+                pos = q + len(body_ff)
+                if pos > capacity:
+                    extend_with_zeros(out, max(capacity >> 1, pos - capacity))
+                    capacity = len(out)
+                if compact:
+                    pack_with = compact_with.get(len(body_ff)) or compact_with.new(len(body_ff))
+                    pack_with(out, p, _CHUNK_BASED_COMPACT, (len(body) - 8) >> 2, mode & _U16,
+                              rec.nlink, size, 0, i_u, index, rec.uid, rec.gid, 0, body_ff)
+                else:
+                    pack_with = extended_with.get(len(body_ff)) or extended_with.new(len(body_ff))
+                    pack_with(out, p, _CHUNK_BASED_EXTENDED, (len(body) - 8) >> 2, mode & _U16,
+                              0, size, i_u, index, rec.uid & _U32, rec.gid & _U32,
+                              rec.mtime_sec & _U64, rec.mtime_nsec & _U32, rec.nlink & _U32,
+                              b"", body_ff)
+                if n_refs:
+                    ref_word = (q + 12) >> 2
+                    add_shared_ref(ref_word)
+                    if n_refs == 2:
+                        add_shared_ref(ref_word + 1)
+                    elif n_refs > 2:
+                        add_shared_refs(range(ref_word + 1, ref_word + n_refs))
+                add_nid(p >> 5)
+                add_file_type(_FT_REG_FILE)
+                continue
+            if (len(rec_xattrs) == 2
                     and (get_shared is None or (get_shared(rec_xattrs[0]) is None
                                                 and get_shared(rec_xattrs[1]) is None))):
-                # the common case, what the general path below does for it in one call: an
-                # external file of one chunk whose two xattrs (metacopy and redirect) are its
-                # own; its 4-byte chunk index, 4-aligned, never crosses a block
+                # two xattrs of its own stored inline (its metacopy and redirect)
                 (key0, value0), (key1, value1) = rec_xattrs
                 compact = (rec.mtime_sec == build_time and rec.mtime_nsec == build_time_nsec
                            and rec.nlink <= _U16 and rec.uid <= _U16 and rec.gid <= _U16

@@ -164,6 +164,9 @@ REFERENCE = {
 }
 
 REFERENCE_GOLDEN = {
+    ('external-files.dump', ''): '2aeffc28499f2b4fb32795f531df5d3a',
+    ('external-files.dump', '--min-version=0 --max-version=0'): '2aeffc28499f2b4fb32795f531df5d3a',
+    ('external-files.dump', '--min-version=1'): '2aeffc28499f2b4fb32795f531df5d3a',
     ('attrs.dump', ''): '2d3908d80d466adf0fd7fd737480825d',
     ('attrs.dump', '--min-version=0 --max-version=0'): '2d3908d80d466adf0fd7fd737480825d',
     ('attrs.dump', '--min-version=1'): '2d3908d80d466adf0fd7fd737480825d',

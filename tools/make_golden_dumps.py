@@ -127,6 +127,22 @@ def cases() -> dict[str, list[str]]:
         for i in range(d * 9):
             pad.append(f"/d{d:02d}/file-{i:04d}-{'q' * (d * 3)} 0 100644 1 0 0 0 0.0 - - -")
     c["tail-padding"] = pad
+    # external files as the layout's one-call paths see them: unique contents (two inline
+    # overlay xattrs), shared contents (a body of shared refs, known by its list), both with
+    # compact (oldest mtime) and extended inodes, with an own xattr besides, and sizes around
+    # the chunk size changes and past 4 GiB
+    ext = ["/ 0 40755 2 0 0 0 100.0 - - -"]
+    for i, size in enumerate((65, 4096, 4097, 1 << 20, (1 << 20) + 1, (1 << 32) - 1, 1 << 32,
+                              (1 << 32) + 5, 1 << 40)):
+        digest = "%064x" % (0xA5 << 8 | i)
+        for copy in range(3 if i % 3 == 0 else 1):
+            mtime = "100.0" if (i + copy) % 2 else f"{200 + i}.5"
+            ext.append(f"/f{i:02d}-{copy} {size} 100644 1 {i * 7} 0 0 {mtime} "
+                       f"{digest[:2]}/{digest[2:]} - {digest}")
+        own = "%064x" % (0xB5 << 8 | i)
+        ext.append(f"/x{i:02d} {size} 100600 1 0 0 0 100.0 {own[:2]}/{own[2:]} - {own}"
+                   f" user.tag=t{i % 2}")
+    c["external-files"] = ext
     return c
 
 
