@@ -42,7 +42,7 @@ from collections import Counter
 from bisect import bisect_right
 from collections.abc import Callable
 from functools import partial
-from itertools import accumulate, chain
+from itertools import accumulate, chain, groupby
 from operator import attrgetter, itemgetter
 
 from .errors import LayoutError
@@ -199,22 +199,46 @@ def plan_xattrs(records: list[InodeRecord]) -> XattrPlan:
     plan = XattrPlan()
     # (Counter counts in C: half the time of a Python loop, which the 2M-entry build felt)
     counts = Counter(chain.from_iterable(map(attrgetter("xattrs"), records)))
-    shared_pairs = sorted((p for p, n in counts.items() if n > 1),
-                          key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
+    shared_pairs = [p for p, n in counts.items() if n > 1]
     del counts
     key_info = plan.key_info
     shared = plan.shared
     table = plan.table
     offset = 0
-    for pair in shared_pairs:
-        entries = (key_info.get(pair[0]) or plan.split_key(pair[0]))[1]
-        value = pair[1]
-        raw = (entries.get(len(value)) or entries.new(len(value)))(value)
-        shared[pair] = (offset >> 2).to_bytes(4, "little")
-        offset += len(raw)
-        table.append(raw)
+    # the table's order, (key, value length, value) descending, group by group: pairs sorted
+    # as tuples (in C, no key function) are in that order within each key whose values have
+    # one length (an external file's metacopy or redirect), others are sorted again; then each
+    # group of one key and value length is packed with one packer, its ids one step apart
+    shared_pairs.sort(reverse=True)
+    for key, group in groupby(shared_pairs, _key_of):
+        pairs = list(group)
+        if len(set(map(len, map(_value_of, pairs)))) > 1:
+            pairs.sort(key=_length_and_value, reverse=True)
+        entries = (key_info.get(key) or plan.split_key(key))[1]
+        for size, same_size in groupby(pairs, _value_length):
+            run = list(same_size)
+            pack = entries.get(size) or entries.new(size)
+            raws = list(map(pack, map(_value_of, run)))
+            step = len(raws[0])
+            shared.update(zip(run, map(_u32_bytes, range(offset >> 2, (offset + step * len(run))
+                                                         >> 2, step >> 2))))
+            offset += step * len(run)
+            table += raws
     plan.size = offset
     return plan
+
+
+_key_of = itemgetter(0)
+_value_of = itemgetter(1)
+_u32_bytes = struct.Struct("<I").pack
+
+
+def _value_length(pair: tuple[bytes, bytes]) -> int:
+    return len(pair[1])
+
+
+def _length_and_value(pair: tuple[bytes, bytes]) -> tuple[int, bytes]:
+    return len(pair[1]), pair[1]
 
 
 def dirent_split(dirents: list[tuple[bytes, int]]) -> tuple[list[tuple[int, int]], int]:

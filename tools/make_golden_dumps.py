@@ -143,6 +143,15 @@ def cases() -> dict[str, list[str]]:
         ext.append(f"/x{i:02d} {size} 100600 1 0 0 0 100.0 {own[:2]}/{own[2:]} - {own}"
                    f" user.tag=t{i % 2}")
     c["external-files"] = ext
+    # the shared xattr table's order: key, then value length, then value, all descending, with
+    # values of one key in several lengths
+    shared = ["/ 0 40755 2 0 0 0 0.0 - - -"]
+    for name, tag, k in (("a", "zz", "1"), ("b", "zz", "1"), ("c", "a", "22"), ("d", "a", "22"),
+                         ("e", "bbbb", "1"), ("f", "bbbb", "3"), ("g", "b", "3"),
+                         ("h", "b", "333")):
+        shared.append(f"/{name} 0 100644 1 0 0 0 0.0 - - - user.tag={tag} user.k={k}"
+                      + (" trusted.x=q" if name in "ef" else ""))
+    c["shared-xattr-order"] = shared
     return c
 
 
