@@ -4,11 +4,12 @@ flattening a tree that is consumed on the way."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mkcfs.build.flatten import WriteError, choose_version, flatten
+from mkcfs.build.flatten import WriteError, choose_version, flatten, flatten_choosing_version
 from mkcfs.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, HardLink, Node
 
 from .strategies import trees
@@ -99,3 +100,32 @@ def test_duplicate_external_files_share_one_xattr_list() -> None:
     assert a.xattrs is b.xattrs is c.xattrs
     assert d.xattrs is not a.xattrs and d.xattrs[0][1].endswith(bytes(32))
     assert a.xattrs[0][1].endswith(digest) and a.xattrs[1] == (b"trusted.overlay.redirect", b"/ab/cd")
+
+
+@pytest.mark.parametrize("versions", [(0, 1), (0, 0), (1, 1), (1, 0), (0, 2), (-1, 1)])
+@pytest.mark.parametrize("whiteout", [None, "direct", "deep", "hard link only"])
+def test_flatten_choosing_version_picks_what_choose_version_picks(versions, whiteout):
+    """The version found while flattening is choose_version's, and the records are those of
+    flatten at that version (or both refuse the versions alike)."""
+    root = Node(S_IFDIR | 0o755)
+    sub = root.children[b"sub"] = Node(S_IFDIR | 0o755)   # type: ignore[index]
+    wh = Node(S_IFCHR | 0o644, rdev=0)
+    if whiteout == "direct":
+        root.children[b"wh"] = wh   # type: ignore[index]
+    elif whiteout == "deep":
+        sub.children[b"wh"] = wh   # type: ignore[index]
+    elif whiteout == "hard link only":
+        root.children[b"link"] = HardLink(wh)   # type: ignore[index]
+    try:
+        version = choose_version(root, *versions)
+    except WriteError as exc:
+        with pytest.raises(WriteError, match=re.escape(str(exc))):
+            flatten_choosing_version(root, *versions)
+        return
+    if whiteout == "hard link only":   # a link to a node outside the tree: flatten refuses it
+        with pytest.raises(WriteError):
+            flatten_choosing_version(root, *versions)
+        return
+    records, chosen = flatten_choosing_version(copy.deepcopy(root), *versions)
+    assert chosen == version
+    assert _fields(records) == _fields(flatten(root, version))

@@ -569,7 +569,7 @@ def test_tree_in_progress_with_files_known_from_the_digest_cache(linked, tmp_pat
 def test_tree_in_progress_a_read_error_is_reported_before_a_flatten_error(tree, monkeypatch):
     from mkcfs.build import image as image_module
     from mkcfs.build.flatten import WriteError
-    real_open, real_flatten = reading.open_source, image_module.flatten
+    real_open, real_flatten = reading.open_source, image_module.flatten_choosing_version
     target = os.fsencode(tree / "big")
 
     def failing_open(path):
@@ -582,7 +582,7 @@ def test_tree_in_progress_a_read_error_is_reported_before_a_flatten_error(tree, 
         raise WriteError(errno.EINVAL, "injected")
     monkeypatch.setattr(reading, "open_source", failing_open)
     monkeypatch.setattr(digests, "open_source", failing_open)
-    monkeypatch.setattr(image_module, "flatten", failing_flatten)
+    monkeypatch.setattr(image_module, "flatten_choosing_version", failing_flatten)
     with pytest.raises(WalkError, match=r"^error computing digest of .*big: injected$"):
         build_image_from(lambda: start_walk(tree, WalkOptions(threads=2, progress=False)))
     monkeypatch.setattr(reading, "open_source", real_open)   # no read error: flatten's
@@ -602,7 +602,7 @@ def test_tree_in_progress_is_aborted_when_interrupted(tree, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(image_module, "flatten", interrupted)
+    monkeypatch.setattr(image_module, "flatten_choosing_version", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_image_from(walk)
     assert not multiprocessing.active_children()   # the workers are gone

@@ -82,7 +82,7 @@ def build_in_stages(dumpfile: Path) -> None:
 
     sys.path.insert(0, str(REPO))
     from erofs.writer import build_image as emit
-    from mkcfs.build.flatten import choose_version, flatten
+    from mkcfs.build.flatten import flatten_choosing_version
     from mkcfs.sources.dumpfile import parse_dumpfile
 
     def rss_mib() -> float:
@@ -94,8 +94,7 @@ def build_in_stages(dumpfile: Path) -> None:
     with open(dumpfile, "rb") as stream:
         root = parse_dumpfile(stream, share_xattrs=True)
     marks.append(("parse", time.process_time(), rss_mib()))
-    version = choose_version(root, 0, 1)
-    records = flatten(root, version, consume=True)
+    records, version = flatten_choosing_version(root, 0, 1, consume=True)
     del root
     marks.append(("flatten", time.process_time(), rss_mib()))
     emit(records, version)

@@ -73,16 +73,20 @@ def _is_whiteout(node: Node) -> bool:
 
 def choose_version(root: Node, min_version: int, max_version: int) -> int:
     """The format version mkcomposefs 1.0.8 picks: ``min``, raised to 1 if allowed and the tree
-    holds an overlay whiteout (chardev 0/0)."""
+    holds an overlay whiteout (chardev 0/0). (``flatten_choosing_version`` finds it while it
+    flattens, without a pass of its own.)"""
+    min_version, max_version = _version_range(min_version, max_version)
+    if min_version < 1 <= max_version and _has_whiteout(root):
+        return 1
+    return min_version
+
+
+def _version_range(min_version: int, max_version: int) -> tuple[int, int]:
+    """``(min, max)`` checked, ``max`` raised to ``min``."""
     if not (MIN_FORMAT_VERSION <= min_version <= MAX_FORMAT_VERSION
             and MIN_FORMAT_VERSION <= max_version <= MAX_FORMAT_VERSION):
         raise WriteError(errno.EINVAL, f"format version must be {MIN_FORMAT_VERSION} or {MAX_FORMAT_VERSION}")
-    if max_version < min_version:
-        max_version = min_version
-    version = min_version
-    if version < 1 <= max_version and _has_whiteout(root):
-        return 1
-    return version
+    return min_version, max(min_version, max_version)
 
 
 _type_of_mode = S_IFMT.__and__
@@ -233,7 +237,18 @@ class LateFiles:
 
 def flatten(root: Node, version: int, *, consume: bool = False,
             late: LateFiles | None = None) -> list[InodeRecord]:
-    """Inode records in BFS order (record 0 is the root) for writing ``root`` at ``version``.
+    """Inode records in BFS order (record 0 is the root) for writing ``root`` at ``version``
+    (see ``flatten_choosing_version``)."""
+    return _flatten(root, version, version, consume, late)[0]
+
+
+def flatten_choosing_version(root: Node, min_version: int, max_version: int, *,
+                             consume: bool = False, late: LateFiles | None = None
+                             ) -> tuple[list[InodeRecord], int]:
+    """``(flatten(root, version), version)`` for the version ``choose_version`` picks, which
+    only the root's last additions depend on: found in the same pass (the whiteouts flatten
+    turns into files), where ``choose_version`` would walk the tree once more (~0.2 s for
+    2M entries).
 
     ``consume``: the tree is nobody else's and is taken apart while it is flattened (each
     directory's children are dropped once queued, each file once its record is made), so its
@@ -244,6 +259,13 @@ def flatten(root: Node, version: int, *, consume: bool = False,
     neither ``content`` nor ``digest`` yet are made without and added to ``late`` with their
     nodes, which ``late.fill`` completes once they have them (a file known from the digest
     cache is complete already)."""
+    min_version, max_version = _version_range(min_version, max_version)
+    return _flatten(root, min_version, max_version, consume, late)
+
+
+def _flatten(root: Node, min_version: int, max_version: int, consume: bool,
+             late: LateFiles | None) -> tuple[list[InodeRecord], int]:
+    """``flatten_choosing_version`` without the check of the versions."""
     if not root.is_dir():
         raise WriteError(errno.ENOTDIR, "the root must be a directory")
     # the queue grows while it is walked (breadth first): a directory appends its children, whose
@@ -415,6 +437,7 @@ def flatten(root: Node, version: int, *, consume: bool = False,
 
     # the writer's xattrs, in libcomposefs's order: each node's own, then its whiteout children's
     # marks (both gathered above), and last the root's opaque flag
+    version = 1 if min_version < 1 <= max_version and whiteouts else min_version
     whiteout_parent_adds = [(overlay.ESCAPED_WHITEOUTS, b""), (overlay.USER_WHITEOUTS, b"")]
     if version >= 1:
         whiteout_parent_adds += [(overlay.ESCAPED_OPAQUE, b"x"), (overlay.USER_OPAQUE, b"x")]
@@ -442,7 +465,7 @@ def flatten(root: Node, version: int, *, consume: bool = False,
         if target_index is None:
             raise WriteError(errno.ENOENT, "hard link target is not in the tree")
         dirents[position] = (dirents[position][0], target_index)
-    return records
+    return records, version
 
 
 def _own_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:

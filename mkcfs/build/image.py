@@ -15,7 +15,7 @@ from erofs.errors import LayoutError
 from erofs.writer import build_image as _emit
 
 from mkcfs.gcpause import gc_paused
-from mkcfs.build.flatten import LateFiles, WriteError, choose_version, flatten
+from mkcfs.build.flatten import LateFiles, WriteError, flatten_choosing_version
 from mkcfs.tree import Node
 
 DEFAULT_MIN_VERSION = 0
@@ -84,9 +84,9 @@ def _build(holder: list[Node], min_version: int, max_version: int, *,
     late = None if pending is None else LateFiles()
     try:
         try:
-            version = choose_version(root, min_version, max_version)
             with gc_paused():
-                records = flatten(root, version, consume=consume, late=late)
+                records, version = flatten_choosing_version(
+                    root, min_version, max_version, consume=consume, late=late)
         except Exception:
             if pending is not None:   # an error of the source is reported first, as it is
                 pending.wait()        # without a tree in progress
