@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import gc
 import os
 import select
 import signal
@@ -298,9 +299,15 @@ def console(prog: str, main: Callable[[], int]) -> NoReturn:
     1), never with status 0. No other buffered data is lost: every file a command keeps is
     written through ``mkcfs.fsutil`` (closed before it is renamed into place). Any other case
     exits normally. Only the console entry points and ``python -m`` call this; ``main(argv)``
-    called in-process (the tests) returns its status."""
+    called in-process (the tests) returns its status.
+
+    The cyclic garbage collector stays off for the whole run (``run`` pauses it for the
+    command's body anyway): turned back on after the body, its first pass would walk every
+    object the run made, all still young, only to find nothing to free before the process
+    ends (0.64 s after a 2M-line ``--from-file`` build)."""
     global _kept_to_exit
     _kept_to_exit = []
+    gc.disable()
     status = main()
     if status == 0 and only_thread():   # else the interpreter must wait for the others
         atexit._run_exitfuncs()   # what the interpreter runs at exit, before its teardown
