@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["only_thread", "processes_usable", "spare_cpu"]
+__all__ = ["die_with_parent", "only_thread", "processes_usable", "spare_cpu"]
 
 
 def only_thread() -> bool:
@@ -38,3 +38,16 @@ def spare_cpu() -> bool:
     except (OSError, ValueError, IndexError, AttributeError):
         return False
     return running < cpus
+
+
+def die_with_parent(parent: int) -> None:
+    """In a forked worker: be killed when the process ``parent`` ends (``PR_SET_PDEATHSIG``), and
+    end now if it has already (a killed build must not leave workers running)."""
+    import signal
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:   # the parent died before the line above
+        os._exit(1)

@@ -68,8 +68,9 @@ from __future__ import annotations
 import binascii
 import codecs
 import io
+import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from itertools import chain
 from binascii import unhexlify
 from typing import BinaryIO, Protocol
@@ -473,20 +474,27 @@ _READ_BLOCK = 1 << 20
 
 class _TextEnd:
     """How the text ended, once ``_line_blocks`` has read it: an error to raise after the
-    lines before it are parsed (line number, message), or None."""
+    lines before it are parsed (line number, message), or None; and the lines given."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "lines")
 
     def __init__(self) -> None:
         self.error: tuple[int, str] | None = None
+        self.lines = 0
 
 
-def _line_blocks(stream: BinaryIO, strict: bool, end: _TextEnd) -> Iterator[list[bytes]]:
+class _Reader(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def _line_blocks(stream: _Reader, strict: bool, end: _TextEnd,
+                 first: int = 0) -> Iterator[list[bytes]]:
     """The lines of the text (without their newlines), a block at a time. Stops before a line
-    holding a NUL byte, and (strict) before a last line without a newline, setting ``end``."""
+    holding a NUL byte, and (strict) before a last line without a newline, setting ``end``
+    (line numbers counted from ``first`` + 1)."""
     read = stream.read
     rest = b""
-    count = 0   # lines given so far
+    count = first   # lines given so far
     pieces: list[bytes] = []   # of a line longer than a block
     while True:
         chunk = read(_READ_BLOCK)
@@ -507,6 +515,7 @@ def _line_blocks(stream: BinaryIO, strict: bool, end: _TextEnd) -> Iterator[list
                 nul = line.find(b"\0")
                 if nul >= 0:
                     end.error = (count + i + 1, f"Invalid embedded NUL character at position {nul}")
+                    end.lines = count + i
                     yield lines[:i]
                     return
         count += len(lines)
@@ -514,6 +523,7 @@ def _line_blocks(stream: BinaryIO, strict: bool, end: _TextEnd) -> Iterator[list
             yield lines
     if pieces:
         rest = b"".join((rest, *pieces))
+    end.lines = count
     if rest:
         nul = rest.find(b"\0")
         if strict:
@@ -521,52 +531,49 @@ def _line_blocks(stream: BinaryIO, strict: bool, end: _TextEnd) -> Iterator[list
         elif nul >= 0:
             end.error = (count + 1, f"Invalid embedded NUL character at position {nul}")
         else:
+            end.lines = count + 1
             yield [rest]
 
 
-def _parse(stream: BinaryIO, strict: bool, source: str, share_xattrs: bool) -> Node:
-    text_end = _TextEnd()
-    lines = chain.from_iterable(_line_blocks(stream, strict, text_end))
 
-    root: Node | None = None
-    dirs: dict[bytes, Node] = {}  # normalized path ("" for the root, "/a/b") -> directory
-    fixups: list[tuple[int, HardLink, bytes | None]] = []
+
+def _rows(lines: Iterable[bytes], strict: bool) -> Iterator[tuple]:
+    """Each line's fields, parsed and checked, as a row for ``_parse`` to place in the tree:
+    ``(path, mode, hardlink, payload, size, nlink, uid, gid, rdev, mtime sec, nsec, content,
+    digest, xattr text, error)``, the payload of a hard link being its target. ``error`` is
+    the message of the first field that is wrong, raised once the entry's place is found (as
+    in C, a bad place is reported first); a line wrong in its path or mode, which come before
+    the place, gives ``(None, message)``. The lines' own order and nothing else: the helper
+    process of a large file (``mkcfs.sources.split_parse``) makes these rows too."""
     # Memo tables for fields that repeat (modes, owners, link counts, mtimes).
     mode_cache: dict[bytes, int] = {}
     u32_cache: dict[bytes, int] = {}
     u64_cache: dict[bytes, int] = {}
     mtime_cache: dict[bytes, tuple[int, int]] = {}
-    xattr_cache: dict[bytes, dict[bytes, bytes]] = {}
-    xattr_cache_get = xattr_cache.get
-    no_xattrs: dict[bytes, bytes] = {}
     mode_get = mode_cache.get
     u32_get = u32_cache.get
     u64_get = u64_cache.get
     mtime_get = mtime_cache.get
-    dirs_get = dirs.get
     unesc = _unescape_field
     strtoull = _strtoull
     pad = _PAD
-    lineno = 0
-    S_IFMT_, S_IFDIR_, S_IFREG_, S_IFLNK_, S_IFCHR_, S_IFBLK_ = \
-        S_IFMT, S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR, S_IFBLK
-    NAME_MAX_, PATH_MAX_, U32_MAX_ = NAME_MAX, PATH_MAX, U32_MAX
-    Node_, HardLink_ = Node, HardLink
+    S_IFMT_, S_IFREG_, S_IFLNK_, S_IFCHR_, S_IFBLK_ = S_IFMT, S_IFREG, S_IFLNK, S_IFCHR, S_IFBLK
+    PATH_MAX_, U32_MAX_ = PATH_MAX, U32_MAX
 
-    try:
-        for lineno, line in enumerate(lines, 1):
-            parts = line.split(b" ", 11)
-            n = len(parts)
-            if n == 11:  # the common line without xattrs
-                fpath, fsize, fmode, fnlink, fuid, fgid, frdev, fmtime, fpayload, fcontent, \
-                    fdigest = parts
-                xattr_text = b""
-            else:
-                if n < 11:
-                    parts += pad[n]  # missing fields are empty
-                fpath, fsize, fmode, fnlink, fuid, fgid, frdev, fmtime, fpayload, fcontent, \
-                    fdigest, xattr_text = parts
+    for line in lines:
+        parts = line.split(b" ", 11)
+        n = len(parts)
+        if n == 11:  # the common line without xattrs
+            fpath, fsize, fmode, fnlink, fuid, fgid, frdev, fmtime, fpayload, fcontent, \
+                fdigest = parts
+            xattr_text = b""
+        else:
+            if n < 11:
+                parts += pad[n]  # missing fields are empty
+            fpath, fsize, fmode, fnlink, fuid, fgid, frdev, fmtime, fpayload, fcontent, \
+                fdigest, xattr_text = parts
 
+        try:
             if b"\\" in fpath:
                 path = unesc(fpath, "PATH", True)
                 if not path:
@@ -575,7 +582,6 @@ def _parse(stream: BinaryIO, strict: bool, source: str, share_xattrs: bool) -> N
                 path = fpath
             else:
                 raise _LineError("Invalid empty path")
-
             mode = mode_get(fmode)
             if mode is None:
                 mode, hardlink = _parse_mode(fmode)
@@ -583,38 +589,31 @@ def _parse(stream: BinaryIO, strict: bool, source: str, share_xattrs: bool) -> N
                     mode_cache[fmode] = mode
             else:
                 hardlink = False
-            ftype = mode & S_IFMT_
+        except _LineError as exc:
+            yield (None, str(exc))
+            continue
+        ftype = mode & S_IFMT_
 
-            # Where the entry goes (checked before the other fields, as in C). Fast path: the
-            # parent's normalized path is a key of dirs; "//", a trailing "/", a missing
-            # parent, the root line and every error take _place().
-            if path[0] == 47:
-                i = path.rfind(b"/")
-                parent = dirs_get(path[:i])
-                name = path[i + 1:]
-                if parent is None or not name or len(name) > NAME_MAX_ or \
-                        (name[0] == 46 and (name == b"." or name == b"..")) or \
-                        name in parent.children:  # type: ignore[operator]
-                    parent, name, key = _place(root, path, ftype)
-                else:
-                    key = path
-            else:
-                parent, name, key = _place(root, path, ftype)
-
-            if hardlink:
-                if ftype == S_IFDIR_:
-                    raise _LineError("Directories can't be hardlinked")
-                if fpayload == b"-":
-                    target = None
-                elif b"\\" in fpayload:
-                    target = unesc(fpayload, "PAYLOAD", True)
-                else:
-                    target = fpayload
-                link = HardLink_()
-                parent.children[name] = link  # type: ignore[union-attr,index]
-                fixups.append((lineno, link, target))
+        if hardlink:
+            if ftype == S_IFDIR:
+                yield (path, mode, True, None, 0, 0, 0, 0, 0, 0, 0, None, None, b"",
+                       "Directories can't be hardlinked")
                 continue
+            if fpayload == b"-":
+                target = None
+            elif b"\\" in fpayload:
+                try:
+                    target = unesc(fpayload, "PAYLOAD", True)
+                except _LineError as exc:
+                    yield (path, mode, True, None, 0, 0, 0, 0, 0, 0, 0, None, None, b"",
+                           str(exc))
+                    continue
+            else:
+                target = fpayload
+            yield (path, mode, True, target, 0, 0, 0, 0, 0, 0, 0, None, None, b"", None)
+            continue
 
+        try:
             size = int(fsize) if len(fsize) < 20 and fsize.isdigit() else \
                 strtoull(fsize, 10, "SIZE")
             nlink = u32_get(fnlink)
@@ -700,6 +699,106 @@ def _parse(stream: BinaryIO, strict: bool, source: str, share_xattrs: bool) -> N
                 except ValueError:  # binascii.Error is a ValueError
                     raise _LineError(f"Invalid digest '{_show(digest)}': must be 64 hex digits") \
                         from None
+        except _LineError as exc:
+            yield (path, mode, False, None, 0, 0, 0, 0, 0, 0, 0, None, None, b"", str(exc))
+            continue
+        yield (path, mode, False, payload, size, nlink, uid, gid, rdev, sec, nsec, content,
+               digest, xattr_text, None)
+
+
+def _row_list(lines: list[bytes], strict: bool) -> list[tuple]:
+    """``_rows`` of ``lines``, as the helper process of a large file makes them."""
+    return list(_rows(lines, strict))
+
+
+def _all_rows(stream: BinaryIO, strict: bool, text_end: _TextEnd
+              ) -> Generator[tuple, None, None]:
+    """The rows (``_rows``) of every line of ``stream``: those of a large file partly made by a
+    helper process (``mkcfs.sources.split_parse``), the same rows in the same order."""
+    helper = None
+    if not isinstance(stream, io.BytesIO):
+        from functools import partial
+        from mkcfs.sources.split_parse import HelperParse
+        helper = HelperParse.start(stream, partial(_row_list, strict=strict))
+    if helper is None:
+        yield from _rows(chain.from_iterable(_line_blocks(stream, strict, text_end)), strict)
+        return
+    try:
+        yield from _rows(chain.from_iterable(_line_blocks(helper.head(), strict, text_end)),
+                         strict)
+        if text_end.error is not None:
+            return
+        lines = text_end.lines
+        for rows, count in helper.blocks():
+            yield from rows
+            lines += count
+        if helper.resume_offset is not None:   # the helper stopped there: the rest is ours
+            stream.seek(helper.resume_offset)
+            yield from _rows(chain.from_iterable(_line_blocks(stream, strict, text_end, lines)),
+                             strict)
+        else:
+            stream.seek(0, os.SEEK_END)
+    finally:
+        helper.close()
+
+
+def _parse(stream: BinaryIO, strict: bool, source: str, share_xattrs: bool) -> Node:
+    text_end = _TextEnd()
+    rows = _all_rows(stream, strict, text_end)
+    try:
+        return _place_rows(rows, text_end, source, share_xattrs)
+    finally:
+        rows.close()
+
+
+def _place_rows(rows: Iterator[tuple], text_end: _TextEnd, source: str,
+                share_xattrs: bool) -> Node:
+    """The tree of the entries of ``rows``, each placed below its parent."""
+
+    root: Node | None = None
+    dirs: dict[bytes, Node] = {}  # normalized path ("" for the root, "/a/b") -> directory
+    fixups: list[tuple[int, HardLink, bytes | None]] = []
+    xattr_cache: dict[bytes, dict[bytes, bytes]] = {}
+    xattr_cache_get = xattr_cache.get
+    no_xattrs: dict[bytes, bytes] = {}
+    dirs_get = dirs.get
+    lineno = 0
+    S_IFMT_, S_IFDIR_, S_IFREG_, S_IFLNK_ = S_IFMT, S_IFDIR, S_IFREG, S_IFLNK
+    NAME_MAX_ = NAME_MAX
+    Node_, HardLink_ = Node, HardLink
+
+    try:
+        for lineno, row in enumerate(rows, 1):
+            path = row[0]
+            if path is None:
+                raise _LineError(row[1])
+            (path, mode, hardlink, payload, size, nlink, uid, gid, rdev, sec, nsec, content,
+             digest, xattr_text, error) = row
+            ftype = mode & S_IFMT_
+
+            # Where the entry goes (checked before the other fields, as in C). Fast path: the
+            # parent's normalized path is a key of dirs; "//", a trailing "/", a missing
+            # parent, the root line and every error take _place().
+            if path[0] == 47:
+                i = path.rfind(b"/")
+                parent = dirs_get(path[:i])
+                name = path[i + 1:]
+                if parent is None or not name or len(name) > NAME_MAX_ or \
+                        (name[0] == 46 and (name == b"." or name == b"..")) or \
+                        name in parent.children:  # type: ignore[operator]
+                    parent, name, key = _place(root, path, ftype)
+                else:
+                    key = path
+            else:
+                parent, name, key = _place(root, path, ftype)
+            if error is not None:
+                raise _LineError(error)
+
+            if hardlink:
+                link = HardLink_()
+                parent.children[name] = link  # type: ignore[union-attr,index]
+                fixups.append((lineno, link, payload))
+                continue
 
             if not xattr_text:
                 xattrs = no_xattrs if share_xattrs else {}

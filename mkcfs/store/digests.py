@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from fsverity import object_path
 
 from mkcfs.errors import WalkError
-from mkcfs.forksafe import processes_usable
+from mkcfs.forksafe import die_with_parent, processes_usable
 from mkcfs.store.objects import ObjectStore
 from mkcfs.store.reading import (BUFFER_SIZE, INLINE_MAX, Cancelled, CancelFlag, digest_fitting,
                                  hash_fd, open_source, read_inline)
@@ -90,13 +90,7 @@ def _init_worker(parent: int, store_path: bytes | None, cancel: CancelFlag) -> N
     die with the parent (a killed build must not leave workers running)."""
     global _worker_state
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
-    if os.getppid() != parent:   # the parent died before the line above
-        os._exit(1)
+    die_with_parent(parent)
     store = None
     if store_path is not None:
         store = ObjectStore(store_path, prepare=False)
