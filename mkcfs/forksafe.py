@@ -26,18 +26,26 @@ def processes_usable() -> bool:
             and os.environ.get("MKCFS_DIGEST_THREADS") is None)
 
 
-def spare_cpu() -> bool:
+def spare_cpu(looks: int = 5) -> bool:
     """Whether a CPU this process may run on is idle right now (besides the one it runs on):
     the kernel's count of runnable tasks, this one included, is below the number of CPUs.
     A second process only pays on an idle CPU; on a loaded machine it costs CPU time and
-    saves no wall time."""
+    saves no wall time. The count is looked at up to ``looks`` times, 1 ms apart: a kernel
+    thread that runs for an instant (freeing the memory of a process that just ended, say)
+    should not decide, a machine that stays busy does."""
+    import time
     try:
         cpus = len(os.sched_getaffinity(0))
-        with open("/proc/loadavg", "rb") as f:
-            running = int(f.read().split()[3].split(b"/")[0])
+        for look in range(looks):
+            if look:
+                time.sleep(0.001)
+            with open("/proc/loadavg", "rb") as f:
+                running = int(f.read().split()[3].split(b"/")[0])
+            if running < cpus:
+                return True
     except (OSError, ValueError, IndexError, AttributeError):
         return False
-    return running < cpus
+    return False
 
 
 def die_with_parent(parent: int) -> None:
