@@ -17,7 +17,7 @@ import contextlib
 import os
 import sys
 from typing import NoReturn
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mkcfs.cli import common
 
@@ -217,15 +217,23 @@ def _main(argv: list[str]) -> int:
                     else _counted(load_tree, stats),
                     min_version=min_version, max_version=max_version,
                     dispose=common.keep_to_exit)
-                if image_path == "-":
-                    common.write_stdout(image.data)
-                elif image_path is not None:
-                    try:
-                        write_atomically(image_path, image.data)
-                    except OSError as exc:
-                        _fail(f"cannot write {image_path}: {exc.strerror or exc}")
+                # the digest, when needed, is hashed while the image is written (both let go
+                # of the GIL: ~20 ms of a /usr rebuild)
+                digest_of = (_digest_meanwhile(image) if key is not None or print_digest
+                             else None)
+                try:
+                    if image_path == "-":
+                        common.write_stdout(image.data)
+                    elif image_path is not None:
+                        try:
+                            write_atomically(image_path, image.data)
+                        except OSError as exc:
+                            _fail(f"cannot write {image_path}: {exc.strerror or exc}")
+                finally:
+                    if digest_of is not None:
+                        digest = digest_of()
                 if key is not None:
-                    digest = image.fsverity_digest()
+                    assert digest is not None
                     walk.cache.remember_image(key, digest)  # type: ignore[union-attr]
         finally:
             if key is not None:
@@ -243,6 +251,24 @@ def _main(argv: list[str]) -> int:
             digest = image.fsverity_digest()
         common.write_stdout((digest.hex() + "\n").encode())
     return 0
+
+
+def _digest_meanwhile(image) -> Callable[[], bytes]:
+    """Start hashing ``image`` (its fs-verity digest) in a thread; the returned function waits
+    for the digest."""
+    import threading
+
+    result: list[bytes] = []
+    thread = threading.Thread(target=lambda: result.append(image.fsverity_digest()),
+                              name="image digest")
+    thread.start()
+
+    def wait() -> bytes:
+        thread.join()
+        if not result:   # pragma: no cover - hashing in memory does not fail
+            raise RuntimeError("the image digest could not be computed")
+        return result[0]
+    return wait
 
 
 def _reused_image(cache, key: bytes, image_path: str | None) -> bytes | None:
