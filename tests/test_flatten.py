@@ -129,3 +129,17 @@ def test_flatten_choosing_version_picks_what_choose_version_picks(versions, whit
     records, chosen = flatten_choosing_version(copy.deepcopy(root), *versions)
     assert chosen == version
     assert _fields(records) == _fields(flatten(root, version))
+
+
+def test_flatten_told_the_tree_has_no_hard_links_refuses_one_it_meets():
+    """hard_links=False skips the search for link targets; a link met anyway is an error,
+    never an image with a wrong entry."""
+    def tree() -> Node:
+        root = Node(S_IFDIR | 0o755)
+        target = root.children[b"a"] = Node(S_IFREG | 0o644, size=3, content=b"abc")  # type: ignore[index]
+        root.children[b"b"] = HardLink(target)   # type: ignore[index]
+        return root
+    records, _ = flatten_choosing_version(tree(), 0, 1, consume=True)
+    assert _fields(records) == _fields(flatten(tree(), 0))
+    with pytest.raises(WriteError, match="hard link target is not in the tree"):
+        flatten_choosing_version(tree(), 0, 1, consume=True, hard_links=False)

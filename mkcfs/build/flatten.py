@@ -243,8 +243,8 @@ def flatten(root: Node, version: int, *, consume: bool = False,
 
 
 def flatten_choosing_version(root: Node, min_version: int, max_version: int, *,
-                             consume: bool = False, late: LateFiles | None = None
-                             ) -> tuple[list[InodeRecord], int]:
+                             consume: bool = False, late: LateFiles | None = None,
+                             hard_links: bool = True) -> tuple[list[InodeRecord], int]:
     """``(flatten(root, version), version)`` for the version ``choose_version`` picks, which
     only the root's last additions depend on: found in the same pass (the whiteouts flatten
     turns into files), where ``choose_version`` would walk the tree once more (~0.2 s for
@@ -258,13 +258,17 @@ def flatten_choosing_version(root: Node, min_version: int, max_version: int, *,
     still reading them: ``mkcfs.sources.walk.start_walk``); the records of those that have
     neither ``content`` nor ``digest`` yet are made without and added to ``late`` with their
     nodes, which ``late.fill`` completes once they have them (a file known from the digest
-    cache is complete already)."""
+    cache is complete already).
+
+    ``hard_links``: False when the caller knows the tree holds no ``HardLink`` (a directory
+    walked without ``hardlinks``): a consumed tree is then not searched for their targets
+    first (~20 ms for /usr); a link met anyway fails as one whose target is not in the tree."""
     min_version, max_version = _version_range(min_version, max_version)
-    return _flatten(root, min_version, max_version, consume, late)
+    return _flatten(root, min_version, max_version, consume, late, hard_links)
 
 
 def _flatten(root: Node, min_version: int, max_version: int, consume: bool,
-             late: LateFiles | None) -> tuple[list[InodeRecord], int]:
+             late: LateFiles | None, hard_links: bool = True) -> tuple[list[InodeRecord], int]:
     """``flatten_choosing_version`` without the check of the versions."""
     if not root.is_dir():
         raise WriteError(errno.ENOTDIR, "the root must be a directory")
@@ -303,7 +307,7 @@ def _flatten(root: Node, min_version: int, max_version: int, consume: bool,
     # are dropped). A node that is not a directory is dropped from the queue as it is reached
     # and its xattrs set to _TAKEN (reached again: it is reachable twice); a directory keeps its
     # place (its xattrs may be needed at the end) and its children become None once queued.
-    targets = link_targets(root) if consume else set()
+    targets = link_targets(root) if consume and hard_links else set()
     index_of: dict[int, int] = {}
     whiteout_xattrs_of: dict[int, dict[bytes, bytes]] = {}
 

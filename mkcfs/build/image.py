@@ -71,6 +71,8 @@ class TreeInProgress(Protocol):
     (``mkcfs.sources.walk.WalkInProgress``)."""
 
     root: Node
+    #: whether the tree may hold ``HardLink`` entries (False: flatten looks for none)
+    hard_links: bool
 
     def wait(self, filled: Callable[[list[Node]], object] | None = None) -> None: ...
 
@@ -86,7 +88,8 @@ def _build(holder: list[Node], min_version: int, max_version: int, *,
         try:
             with gc_paused():
                 records, version = flatten_choosing_version(
-                    root, min_version, max_version, consume=consume, late=late)
+                    root, min_version, max_version, consume=consume, late=late,
+                    hard_links=True if pending is None else pending.hard_links)
         except Exception:
             if pending is not None:   # an error of the source is reported first, as it is
                 pending.wait()        # without a tree in progress
