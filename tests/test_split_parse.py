@@ -203,3 +203,19 @@ def test_read_error_in_our_part_is_the_files_error(tmp_path, helpers):
         parse_dumpfile(Failing(stream))   # type: ignore[arg-type]
     assert helpers
     no_child_left()
+
+
+def test_rows_read_are_freed_from_the_memory_file(tmp_path, monkeypatch):
+    """The memory file holds only the rows the helper is ahead by: each block read is freed."""
+    allocated: list[int] = []
+    real_blocks = split_parse.HelperParse.blocks
+
+    def blocks(self):
+        for block in real_blocks(self):
+            yield block
+            allocated.append(os.fstat(self._memfd).st_blocks)
+    monkeypatch.setattr(split_parse.HelperParse, "blocks", blocks)
+    text = ("\n".join(dumpfile()) + "\n").encode()
+    alone, helped = parse_both(tmp_path, text)
+    assert helped == alone
+    assert len(allocated) > 10 and allocated[-1] * 512 <= 4096   # at most the last page

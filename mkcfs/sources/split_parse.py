@@ -8,7 +8,9 @@ checked, ``marshal``-able) while this process parses the lines before it; this p
 takes the helper's rows in order and only places them (about 40% of the work of a line).
 
 The helper writes each block of rows to an anonymous memory file (``memfd``; no disk, no
-pipe to fill while nobody reads it) and announces it on a pipe. It handles only plain text:
+pipe to fill while nobody reads it) and announces it on a pipe; this process frees each block
+of the file once it has read it (``FALLOC_FL_PUNCH_HOLE``), so the file holds only the rows
+the helper is ahead by. It handles only plain text:
 at a NUL byte, at a last line without a newline, or if it fails or dies, it stops, and the
 caller parses the rest itself from where the helper's last block ended
 (``resume_offset``), so every error is found and reported exactly as without a helper.
@@ -132,6 +134,7 @@ class HelperParse:
         when the helper stopped (``resume_offset`` then says where the rest starts)."""
         read = self._messages.read
         at = 0   # in the memory file
+        punch = _hole_puncher()
         while True:
             message = read(_MESSAGE.size)
             if len(message) != _MESSAGE.size:   # the helper failed or died
@@ -143,6 +146,8 @@ class HelperParse:
             if kind != _ROWS:
                 return
             data = _pread_exactly(self._memfd, size, at)
+            if punch is not None:
+                punch(self._memfd, _PUNCH_HOLE, 0, at + size)   # (whole pages only)
             at += size
             rows = marshal.loads(data)
             del data
@@ -161,6 +166,22 @@ class HelperParse:
         os.waitpid(pid, 0)
         self._messages.close()
         os.close(self._memfd)
+
+
+#: fallocate's FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE: free a range of a file
+_PUNCH_HOLE = 3
+
+
+def _hole_puncher() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``fallocate(fd, mode, offset, length)``, or None where there is none."""
+    try:
+        import ctypes
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):   # pragma: no cover - not Linux
+        return None
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fallocate.restype = ctypes.c_int
+    return fallocate   # type: ignore[no-any-return]
 
 
 def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
