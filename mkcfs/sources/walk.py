@@ -5,7 +5,7 @@ as mkcomposefs 1.0.8 given the same directory and options:
 
 * Nothing is followed: the SOURCE itself is ``lstat``ed and must be a directory (a symlink to a
   directory is an error; ``link/`` with a trailing slash names the directory and works), and every
-  entry below it is ``lstat``ed once (``os.scandir``; ``.`` and ``..`` are not listed).
+  entry below it is ``lstat``ed once (``os.listdir``; ``.`` and ``..`` are not listed).
 * Each node gets mode (type and all permission bits), uid, gid, rdev and size from ``lstat``, and
   the mtime in nanoseconds, or 0 with ``use_epoch``. The root node describes SOURCE itself.
   Regular files, directories, symlinks (target from ``readlink``), character and block devices,
@@ -48,7 +48,6 @@ from __future__ import annotations
 import errno
 import marshal
 import os
-from operator import attrgetter
 import stat
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, wait
 from collections.abc import Callable
@@ -77,7 +76,6 @@ _S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK, _S_IFCHR, _S_IFBLK = (S_IFMT, S_IFDIR, S_
                                                            S_IFCHR, S_IFBLK)
 _NO_XATTR_SUPPORT = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP))
 _NS = 1_000_000_000
-_name_of = attrgetter("name")
 #: a shared walk (``_Walker.walk_shared``) hands out at least this many directories, found
 #: breadth first in at most this many levels; a job gets at most ``_JOB_MAX_DIRS`` of them
 #: (directories handed out at once go to at least ``_JOBS_PER_HAND_OUT`` jobs) and walks
@@ -319,6 +317,8 @@ class _Walker:
         seen = self.seen
         links = self.links
         readlink = os.readlink
+        listdir = os.listdir
+        lstat = os.lstat
         modes = self.modes
         mtimes = self.mtimes
         cache = self.cache
@@ -326,66 +326,68 @@ class _Walker:
         store = self.store
         count = 0
         try:
-            with os.scandir(dpath) as it:
-                # in name order, the image's: see ``walk``
-                for entry in sorted(it, key=_name_of):
-                    path = entry.path
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError as exc:
-                        raise walk_error("error accessing", path, exc) from None
-                    mode = st.st_mode
-                    fmt = mode & _S_IFMT
-                    if skip_devices and (fmt == _S_IFCHR or fmt == _S_IFBLK):
-                        continue
-                    count += 1
-                    if use_epoch:
-                        sec = nsec = 0
-                    else:
-                        mtime = st.st_mtime_ns
-                        times = mtimes.get(mtime)
-                        if times is None:
-                            times = mtimes[mtime] = divmod(mtime, _NS)
-                        sec, nsec = times
-                    size = st.st_size
-                    # one int object per distinct mode and mtime (trees share few): less memory
-                    node = Node(modes.setdefault(mode, mode), 1, st.st_uid, st.st_gid,
-                                st.st_rdev, size, sec, nsec, None, None, None,
-                                (xattrs(path) or no_xattrs) if read_xattrs else no_xattrs)
-                    name = entry.name
-                    children[name] = node
-                    if fmt == _S_IFREG:
-                        if st.st_nlink > 1 and hardlinks:
-                            links.setdefault((st.st_dev, st.st_ino), []).append(
-                                (path, children, name, node))
-                        elif size > 0:
-                            if st.st_nlink > 1:
-                                key = (st.st_dev, st.st_ino, size)
-                                primary = seen.get(key)
-                                if primary is not None:
-                                    self.pool.alias(node, primary)
-                                    continue
-                                seen[key] = node
-                            if lookup is not None and size > INLINE_MAX:
-                                digest = lookup(st)
-                                if digest is not None and (store is None or digest in store):
-                                    node.digest = digest
-                                    node.payload = object_path(digest).encode()
-                                    continue
-                                if cache.cacheable(st):  # type: ignore[union-attr]
-                                    cache.record_later(st, node)  # type: ignore[union-attr]
-                            add(path, node)
-                    elif fmt == _S_IFDIR:
-                        stack.append((path, node))
-                    else:
-                        if fmt == _S_IFLNK:
-                            try:
-                                node.payload = readlink(path)
-                            except OSError as exc:
-                                raise walk_error("error accessing", path, exc) from None
-                        if hardlinks and st.st_nlink > 1:
-                            links.setdefault((st.st_dev, st.st_ino), []).append(
-                                (path, children, name, node))
+            # in name order, the image's: see ``walk`` (names and lstat, no DirEntry per
+            # entry: ~10% of a bare walk)
+            names = listdir(dpath)
+            names.sort()
+            prefix = dpath if dpath.endswith(b"/") else dpath + b"/"
+            for name in names:
+                path = prefix + name
+                try:
+                    st = lstat(path)
+                except OSError as exc:
+                    raise walk_error("error accessing", path, exc) from None
+                mode = st.st_mode
+                fmt = mode & _S_IFMT
+                if skip_devices and (fmt == _S_IFCHR or fmt == _S_IFBLK):
+                    continue
+                count += 1
+                if use_epoch:
+                    sec = nsec = 0
+                else:
+                    mtime = st.st_mtime_ns
+                    times = mtimes.get(mtime)
+                    if times is None:
+                        times = mtimes[mtime] = divmod(mtime, _NS)
+                    sec, nsec = times
+                size = st.st_size
+                # one int object per distinct mode and mtime (trees share few): less memory
+                node = Node(modes.setdefault(mode, mode), 1, st.st_uid, st.st_gid,
+                            st.st_rdev, size, sec, nsec, None, None, None,
+                            (xattrs(path) or no_xattrs) if read_xattrs else no_xattrs)
+                children[name] = node
+                if fmt == _S_IFREG:
+                    if st.st_nlink > 1 and hardlinks:
+                        links.setdefault((st.st_dev, st.st_ino), []).append(
+                            (path, children, name, node))
+                    elif size > 0:
+                        if st.st_nlink > 1:
+                            key = (st.st_dev, st.st_ino, size)
+                            primary = seen.get(key)
+                            if primary is not None:
+                                self.pool.alias(node, primary)
+                                continue
+                            seen[key] = node
+                        if lookup is not None and size > INLINE_MAX:
+                            digest = lookup(st)
+                            if digest is not None and (store is None or digest in store):
+                                node.digest = digest
+                                node.payload = object_path(digest).encode()
+                                continue
+                            if cache.cacheable(st):  # type: ignore[union-attr]
+                                cache.record_later(st, node)  # type: ignore[union-attr]
+                        add(path, node)
+                elif fmt == _S_IFDIR:
+                    stack.append((path, node))
+                else:
+                    if fmt == _S_IFLNK:
+                        try:
+                            node.payload = readlink(path)
+                        except OSError as exc:
+                            raise walk_error("error accessing", path, exc) from None
+                    if hardlinks and st.st_nlink > 1:
+                        links.setdefault((st.st_dev, st.st_ino), []).append(
+                            (path, children, name, node))
         except WalkError:
             raise
         except OSError as exc:   # opening or reading the directory
