@@ -412,6 +412,16 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
     # (compact, key, key, value size, value size) -> _fused_external
     fused: dict[tuple[bool, bytes, bytes, int, int], _FusedPacker] = {}
     get_fused = fused.get
+    def add_ref_words(q: int, n_refs: int) -> None:
+        """Note where the ``n_refs`` shared xattr ids of the body at ``q`` are (after its
+        12-byte header), for the writer."""
+        ref_word = (q + 12) >> 2
+        add_shared_ref(ref_word)
+        if n_refs == 2:
+            add_shared_ref(ref_word + 1)
+        elif n_refs > 2:
+            add_shared_refs(range(ref_word + 1, ref_word + n_refs))
+
     body = b""
     n_refs = 0
     for index, rec in enumerate(records):
@@ -450,12 +460,7 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
                               rec.mtime_sec & _U64, rec.mtime_nsec & _U32, rec.nlink & _U32,
                               b"", body_ff)
                 if n_refs:
-                    ref_word = (q + 12) >> 2
-                    add_shared_ref(ref_word)
-                    if n_refs == 2:
-                        add_shared_ref(ref_word + 1)
-                    elif n_refs > 2:
-                        add_shared_refs(range(ref_word + 1, ref_word + n_refs))
+                    add_ref_words(q, n_refs)
                 add_nid(p >> 5)
                 add_file_type(_FT_REG_FILE)
                 continue
@@ -674,12 +679,7 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             block += n_blocks
         if xsize:
             if n_refs:
-                ref_word = (q + 12) >> 2
-                add_shared_ref(ref_word)
-                if n_refs == 2:
-                    add_shared_ref(ref_word + 1)
-                elif n_refs > 2:
-                    add_shared_refs(range(ref_word + 1, ref_word + n_refs))
+                add_ref_words(q, n_refs)
             q += xsize
         if ftype == S_IFDIR:
             add_dir((index, q if tail else -1, tail, block - n_blocks if n_blocks else -1))
