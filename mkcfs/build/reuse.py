@@ -24,8 +24,12 @@ import os
 import stat
 from functools import lru_cache
 from hashlib import sha256
+from typing import TYPE_CHECKING
 
-__all__ = ["code_fingerprint", "holds_image", "image_key"]
+if TYPE_CHECKING:  # pragma: no cover
+    from mkcfs.store.cache import DigestCache
+
+__all__ = ["code_fingerprint", "holds_image", "image_key", "kept_image"]
 
 #: the packages whose code decides an image's bytes
 _PACKAGES = ("erofs", "fsverity", "mkcfs")
@@ -70,3 +74,21 @@ def holds_image(path: str | bytes, digest: bytes) -> bool:
             return digest_file(f.fileno()) == digest
     except OSError:
         return False
+
+
+def kept_image(cache: DigestCache, key: bytes, image_path: str | bytes | None) -> bytes | None:
+    """The fs-verity digest of the image the last build made from this tree when ``key`` is
+    that build's (``cache.image_memo``) and ``image_path`` (None: no file, as with
+    ``--print-digest-only``) still holds that image, which is then kept as it is, its mtime
+    set as a rewrite would set it; else None (build it)."""
+    memo = cache.image_memo
+    if memo is None or memo[0] != key:
+        return None
+    if image_path is not None:
+        if not holds_image(image_path, memo[1]):
+            return None
+        try:
+            os.utime(image_path)
+        except OSError:
+            return None
+    return memo[1]

@@ -206,10 +206,10 @@ def _main(argv: list[str]) -> int:
             walk = load_tree()
             if walk.shared:   # a rebuild: it may be that of the last image (mkcfs.build.reuse)
                 walk.wait(for_reuse=True)
-                from mkcfs.build.reuse import image_key
+                from mkcfs.build.reuse import image_key, kept_image
                 assert walk.tree_key is not None and walk.cache is not None
                 key = image_key(walk.tree_key, min_version, max_version)
-                digest = _reused_image(walk.cache, key, image_path)
+                digest = kept_image(walk.cache, key, image_path)
         try:
             if digest is None:
                 image = build_image_from(
@@ -269,24 +269,6 @@ def _digest_meanwhile(image) -> Callable[[], bytes]:
             raise RuntimeError("the image digest could not be computed")
         return result[0]
     return wait
-
-
-def _reused_image(cache, key: bytes, image_path: str | None) -> bytes | None:
-    """The digest of the image the last build made from this tree when ``key`` is that
-    build's and ``image_path`` (None: --print-digest-only) still holds that image, which is
-    then kept as it is (its mtime set, as a rewrite would); else None."""
-    memo = cache.image_memo
-    if memo is None or memo[0] != key:
-        return None
-    if image_path is not None:
-        from mkcfs.build.reuse import holds_image
-        if not holds_image(image_path, memo[1]):
-            return None
-        try:
-            os.utime(image_path)
-        except OSError:
-            return None
-    return memo[1]
 
 
 def _counted(load_tree, stats):
