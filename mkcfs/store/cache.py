@@ -160,6 +160,10 @@ class _Section:
     def inodes(self) -> array[int]:
         return self.words[0::_WORDS]
 
+    def drop_words(self) -> None:
+        """Free the decoded ``words`` (decoded again if asked for)."""
+        self._words = None
+
 
 def _parse(data: bytes) -> list[_Section] | None:
     """The sections of a cache file, or None when it is not a whole, intact cache file."""
@@ -271,7 +275,7 @@ class DigestCache:
         self._index = {}
         self._old_words = array("Q")
         if self._old is not None:
-            self._old._words = None   # decoded again if ``save`` needs it
+            self._old.drop_words()   # decoded again if ``save`` needs it
 
     def cacheable(self, st: os.stat_result) -> bool:
         """Whether a file with ``lstat`` result ``st`` can be recorded (same device, not racy)."""
@@ -393,19 +397,17 @@ class DigestCache:
             sections.append((section.identity, section.last_used, entries, section.memo,
                              [section.raw]))
             total += entries
-        parts: list[bytes | bytearray | memoryview] = [b"", struct.pack("<I", len(sections))]
+        parts: list[bytes | bytearray | memoryview] = []
         for identity, last_used, entries, memo, pieces in sections:
             machine, boot = identity[:16], identity[16:32]
             dev, ino, fsid = struct.unpack("<QQQ", identity[32:])
             parts.append(_SECTION.pack(machine, boot, dev, ino, fsid, last_used, entries,
                                        memo[:32], memo[32:]))
             parts += pieces
-        crc = 0
+        crc = zlib.crc32(struct.pack("<I", len(sections)))   # the CRC covers the count too
         for part in parts:
             crc = zlib.crc32(part, crc)
-        parts[0] = _HEAD.pack(MAGIC, crc, len(sections))
-        del parts[1]   # (in the header)
-        data = b"".join(parts)
+        data = b"".join([_HEAD.pack(MAGIC, crc, len(sections)), *parts])
         del parts, sections, others, body
         from mkcfs.fsutil import write_atomically
         try:
