@@ -41,17 +41,15 @@ def code_fingerprint() -> bytes:
     (``_PACKAGES``, as installed or checked out)."""
     top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     found: list[bytes] = []
-    pending = [os.path.join(top, package) for package in _PACKAGES]
-    while pending:
-        directory = pending.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    if entry.name != "__pycache__":
-                        pending.append(entry.path)
-                elif entry.name.endswith(".py"):
-                    st = entry.stat()
-                    found.append(os.fsencode(os.path.relpath(entry.path, top))
+    for package in _PACKAGES:
+        for directory, subdirectories, names in os.walk(os.path.join(top, package)):
+            if "__pycache__" in subdirectories:
+                subdirectories.remove("__pycache__")
+            for name in names:
+                if name.endswith(".py"):
+                    path = os.path.join(directory, name)
+                    st = os.stat(path)
+                    found.append(os.fsencode(os.path.relpath(path, top))
                                  + b"\0%d\0%d" % (st.st_size, st.st_mtime_ns))
     found.sort()
     return sha256(b"\n".join(found)).digest()

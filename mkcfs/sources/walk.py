@@ -550,13 +550,13 @@ class WalkInProgress:
 
     def __init__(self, root: Node, finish: Callable[[Filled | None, bool], None],
                  abort: Callable[[], None], cache: DigestCache | None = None,
-                 shared: bool = False) -> None:
+                 shared: bool = False, hard_links: bool = True) -> None:
         self.root = root
         #: whether the workers walked parts of the tree (a rebuild that expects to find its
         #: files in the digest cache): only such a walk gives a ``tree_key``
         self.shared = shared
         #: whether the tree may hold ``HardLink`` entries (only a walk with ``hardlinks``)
-        self.hard_links = True
+        self.hard_links = hard_links
         self._finish: Callable[[Filled | None, bool], None] | None = finish
         self._abort = abort
         #: the digest cache this walk uses (``--digest-cache``), or None
@@ -679,8 +679,7 @@ def start_walk(path: PathArg, options: WalkOptions | None = None) -> WalkInProgr
     except BaseException:
         abort()
         raise
-    walk = WalkInProgress(root, finish, abort, cache, shared)
-    walk.hard_links = options.hardlinks
+    walk = WalkInProgress(root, finish, abort, cache, shared, options.hardlinks)
     if store_after_walk is not None:
         walk.wait()   # it reads the whole tree again: before anyone takes it apart
     return walk
