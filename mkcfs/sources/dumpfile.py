@@ -595,22 +595,20 @@ def _rows(lines: Iterable[bytes], strict: bool) -> Iterator[tuple]:
         ftype = mode & S_IFMT_
 
         if hardlink:
+            # only the mode and the target path: (path, mode, True, target, ..., error)
+            target = error = None
             if ftype == S_IFDIR:
-                yield (path, mode, True, None, 0, 0, 0, 0, 0, 0, 0, None, None, b"",
-                       "Directories can't be hardlinked")
-                continue
-            if fpayload == b"-":
-                target = None
+                error = "Directories can't be hardlinked"
+            elif fpayload == b"-":
+                pass
             elif b"\\" in fpayload:
                 try:
                     target = unesc(fpayload, "PAYLOAD", True)
                 except _LineError as exc:
-                    yield (path, mode, True, None, 0, 0, 0, 0, 0, 0, 0, None, None, b"",
-                           str(exc))
-                    continue
+                    error = str(exc)
             else:
                 target = fpayload
-            yield (path, mode, True, target, 0, 0, 0, 0, 0, 0, 0, None, None, b"", None)
+            yield (path, mode, True, target, 0, 0, 0, 0, 0, 0, 0, None, None, b"", error)
             continue
 
         try:
