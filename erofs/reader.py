@@ -504,6 +504,22 @@ class Image:
 
     # --- directories -------------------------------------------------------------------------
 
+    def lookup(self, names: Sequence[bytes]) -> Inode | None:
+        """The inode at the path ``names`` (one name per level) below the root, or None when
+        an entry is missing or a name on the way is not a directory (nothing is followed)."""
+        ino = self.inode(self.root_nid)
+        for name in names:
+            if ino.mode & S_IFMT != S_IFDIR:
+                return None
+            for offset, length in self.extents(ino):
+                found, nids, _ = self.dirent_columns(offset, length)
+                if name in found:
+                    ino = self.inode(nids[found.index(name)])
+                    break
+            else:
+                return None
+        return ino
+
     def dirents(self, ino: Inode) -> Iterator[tuple[bytes, int, int]]:
         """``(name, nid, file_type)`` for every entry of a directory (``.`` and ``..`` included), in
         stored order, block by block, then the inline tail."""

@@ -184,6 +184,22 @@ def test_multi_block_directory():
     assert names == [b".", b".."] + [b"entry-with-a-long-name-%03d" % i for i in range(250)]
 
 
+
+def test_lookup_by_path():
+    """``Image.lookup`` finds an entry by its names, in a directory of several blocks too;
+    a missing name, or a file on the way, gives None."""
+    lines = ["/ 0 40755 3 0 0 0 0.0 - - -", "/d 0 40755 2 0 0 0 0.0 - - -",
+             "/f 5 100644 1 0 0 0 0.0 - hello -"]
+    lines += ["/d/entry-with-a-long-name-%03d 3 100600 1 0 0 0 0.0 - %03d -" % (i, i)
+              for i in range(250)]
+    image = Image(image_of("\n".join(lines) + "\n"))
+    assert image.lookup([]) == image.inode(image.root_nid)
+    last = image.lookup([b"d", b"entry-with-a-long-name-249"])
+    assert last is not None and image.data_bytes(last, 64) == b"249"
+    assert image.data_bytes(image.lookup([b"f"]), 64) == b"hello"  # type: ignore[arg-type]
+    for missing in ([b"e"], [b"d", b"entry-with-a-long-name-250"], [b"f", b"x"]):
+        assert image.lookup(missing) is None
+
 @pytest.mark.parametrize("mutate,what", [
     (lambda b: b[:4095], "too small"),
     (lambda b: b"\0" + b[1:], "not a composefs image"),
