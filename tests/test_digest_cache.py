@@ -58,6 +58,22 @@ def sections(path) -> list:
     return parsed
 
 
+def opened_files(monkeypatch) -> list[bytes]:
+    """The files of more than 64 bytes this process opens to read from now on (with
+    ``MKCFS_DIGEST_THREADS`` set, the build's workers are threads of this process)."""
+    from mkcfs.store import reading
+    opened: list[bytes] = []
+    real_open = reading.open_source
+
+    def counting_open(path: bytes) -> int:
+        fd = real_open(path)
+        if os.fstat(fd).st_size > 64:
+            opened.append(path)
+        return fd
+    monkeypatch.setattr(reading, "open_source", counting_open)
+    return opened
+
+
 def forge(path, src, digest: bytes = b"\xee" * 32, **change) -> None:
     """A cache for ``src`` in which every file > 64 bytes has ``digest``; ``change`` alters
     one lstat field of every record (as a replaced file would show)."""
@@ -75,17 +91,18 @@ def forge(path, src, digest: bytes = b"\xee" * 32, **change) -> None:
 
 
 def test_rebuild_reads_nothing_and_gives_the_same_image(tmp_path, monkeypatch):
+    monkeypatch.setenv("MKCFS_DIGEST_THREADS", "1")   # files are opened in this process
     src = tmp_path / "src"
     make_tree(src)
     cache = tmp_path / "cache"
+    opened = opened_files(monkeypatch)
     first = build(src, cache)
+    assert len(opened) == 20   # the control: this build reads every file of more than 64 bytes
     assert first == build(src)
-    assert len(sections(cache)) == 1 and len(sections(cache)[0].raw) == 20 * 64
+    # 20 files of more than 64 bytes, and ``small`` with NO_DIGEST
+    assert len(sections(cache)) == 1 and len(sections(cache)[0].raw) == 21 * 64
     # the second build must not open a file of more than 64 bytes
-    from mkcfs.store import digests
-    opened = []
-    real_open = digests.open_source
-    monkeypatch.setattr(digests, "open_source", lambda p: opened.append(p) or real_open(p))
+    opened.clear()
     assert build(src, cache) == first
     assert opened == []
 
@@ -176,15 +193,41 @@ def test_cache_from_another_machine_boot_or_file_system_is_ignored(tmp_path, fie
     assert build(src, cache) == build(src)
 
 
-def test_racy_entries_are_not_recorded(tmp_path, monkeypatch):
+def test_racy_entries_are_recorded_untrusted(tmp_path, monkeypatch):
+    """A file hashed within the racy margin of its ctime is recorded (the next build's
+    ``previous`` digest) with the UNTRUSTED ctime, which no lookup answers from: it is read
+    again, and only then trusted."""
     monkeypatch.setattr(cache_mod, "RACY_MARGIN_NS", 3 * 10**9)
+    monkeypatch.setenv("MKCFS_DIGEST_THREADS", "1")   # files are opened in this process
     src = tmp_path / "src"
     make_tree(src)
     old = time.time_ns() - 10 * 10**9
     os.utime(src / "f0", ns=(old, old))   # an old mtime does not make the file old: ctime is now
     cache = tmp_path / "cache"
+    first = build(src, cache)
+    [section] = sections(cache)
+    assert len(section.raw) == 21 * 64
+    assert set(section.words[3::8]) == {cache_mod.UNTRUSTED}
+    opened = opened_files(monkeypatch)
+    st = os.lstat(src / "f0")
+    loaded = DigestCache(cache, os.fsencode(src), os.lstat(src))
+    assert loaded.lookup(st) is None
+    assert loaded.previous(st) == fsverity.digest_file(src / "f0")
+    assert build(src, cache) == first
+    assert len(opened) == 20
+    # a file whose ctime is -1 ns (the UNTRUSTED word) is not answered from such a record
+    forged = SimpleNamespace(st_dev=st.st_dev, st_ino=st.st_ino, st_size=st.st_size,
+                             st_mtime_ns=st.st_mtime_ns, st_ctime_ns=-1)
+    assert loaded.lookup(forged) is None
+    # once the margin has passed, the next build's records are trusted
+    monkeypatch.setattr(cache_mod, "RACY_MARGIN_NS", -3600 * 10**9)
+    opened.clear()
     build(src, cache)
-    assert [len(s.raw) for s in sections(cache)] == [0]
+    assert len(opened) == 20
+    assert cache_mod.UNTRUSTED not in set(sections(cache)[0].words[3::8])
+    opened.clear()
+    assert build(src, cache) == first
+    assert opened == []
 
 
 def test_files_no_longer_seen_are_dropped(tmp_path):
@@ -195,7 +238,7 @@ def test_files_no_longer_seen_are_dropped(tmp_path):
     for i in range(0, 20, 2):
         os.unlink(src / f"f{i}")
     build(src, cache)
-    assert len(sections(cache)[0].raw) == 10 * 64
+    assert len(sections(cache)[0].raw) == 11 * 64
 
 
 def test_sections_are_bounded_and_kept_per_tree(tmp_path, monkeypatch):
@@ -208,7 +251,8 @@ def test_sections_are_bounded_and_kept_per_tree(tmp_path, monkeypatch):
         build(src, cache)
         trees.append(src)
     counts = sorted(len(s.raw) // 64 for s in sections(cache))
-    assert counts == [4, 5]    # the least recently used tree's section went
+    assert counts == [5, 6]    # the least recently used tree's section went (each: its
+    # files and ``small``)
 
 
 def test_missing_store_object_is_stored_again(tmp_path):
@@ -310,7 +354,7 @@ def test_unchanged_rebuild_does_not_rewrite_the_cache(tmp_path):
     os.unlink(src / "f4")
     build(src, cache)
     assert os.stat(cache).st_ino != before.st_ino
-    assert len(sections(cache)[0].raw) == 19 * 64
+    assert len(sections(cache)[0].raw) == 20 * 64
 
 
 def test_partly_changed_tree_keeps_hit_records_and_replaces_changed_ones(tmp_path, monkeypatch):
@@ -333,12 +377,12 @@ def test_partly_changed_tree_keeps_hit_records_and_replaces_changed_ones(tmp_pat
     words = section.words
     records = {words[i]: (words[i + 1], words[i + 2], words[i + 3]) for i in range(0, len(words), 8)}
     inodes = list(words[0::8])
-    assert inodes == sorted(inodes) and len(records) == len(inodes) == 20
+    assert inodes == sorted(inodes) and len(records) == len(inodes) == 21
     expected = {}
     for dirpath, _, names in os.walk(src):
         for name in names:
             st = os.lstat(os.path.join(dirpath, name))
-            if st.st_size > 64:
+            if st.st_size > 0:
                 expected[st.st_ino] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     assert records == expected
     def raw_records(section) -> dict[int, bytes]:
@@ -347,11 +391,9 @@ def test_partly_changed_tree_keeps_hit_records_and_replaces_changed_ones(tmp_pat
     rewritten = {os.lstat(src / name).st_ino for name in ("f4", "sub/f7", "new")}
     before, now = raw_records(old), raw_records(section)
     unchanged = set(now) - rewritten
-    assert len(unchanged) == 17 and all(now[ino] == before[ino] for ino in unchanged)
-    from mkcfs.store import digests
-    opened = []
-    real_open = digests.open_source
-    monkeypatch.setattr(digests, "open_source", lambda p: opened.append(p) or real_open(p))
+    assert len(unchanged) == 18 and all(now[ino] == before[ino] for ino in unchanged)
+    monkeypatch.setenv("MKCFS_DIGEST_THREADS", "1")   # files are opened in this process
+    opened = opened_files(monkeypatch)
     assert build(src, cache) == changed
     assert opened == []
 
@@ -394,7 +436,8 @@ def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeyp
     (section,) = sections(cache)
     expected = {os.lstat(os.path.join(dirpath, name)).st_ino
                 for dirpath, _, names in os.walk(src) for name in names
-                if os.path.getsize(os.path.join(dirpath, name)) > 64
+                if os.path.getsize(os.path.join(dirpath, name)) > 0   # inline ones too
+                and os.path.isfile(os.path.join(dirpath, name))
                 and not os.path.islink(os.path.join(dirpath, name))}
     assert sorted(section.words[0::8]) == sorted(expected)
     saved = os.lstat(cache)

@@ -237,3 +237,229 @@ def test_code_fingerprint_follows_the_modules(tmp_path, monkeypatch):
         os.utime(layout, ns=(st.st_atime_ns, st.st_mtime_ns))
         reuse.code_fingerprint.cache_clear()
     assert reuse.code_fingerprint() == first
+
+
+# -- rewriting the last image when only some files' contents changed ---------------------------
+
+def _rewrite(path, contents: bytes) -> None:
+    """New contents for ``path``, its size and mtime restored (only the ctime shows it)."""
+    st = os.lstat(path)
+    path.write_bytes(contents)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _flip_first_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    _rewrite(path, bytes(data))
+
+
+def _no_full_build(monkeypatch) -> None:
+    monkeypatch.setattr(image_mod, "build_image_from",
+                        lambda *a, **k: pytest.fail("the last image was not rewritten"))
+
+
+def _full_builds(monkeypatch) -> list[int]:
+    built: list[int] = []
+    real = image_mod.build_image_from
+    monkeypatch.setattr(image_mod, "build_image_from",
+                        lambda *a, **k: built.append(1) or real(*a, **k))
+    return built
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["cache", "store"])
+def test_changed_contents_rewrite_the_last_image(tmp_path, monkeypatch, capsys, store):
+    src = tmp_path / "src"
+    make_tree(src)
+    img = tmp_path / "out.img"
+    extra = [f"--digest-store={tmp_path / 'store'}"] if store else []
+    run(src, img, *extra)
+    run(src, img, *extra)
+    capsys.readouterr()
+    for path in (src / "d04" / "f3", src / "d11" / "deeper" / "file", src / "d19" / "f1",
+                 src / "d06" / "deeper" / "small"):   # the last one inline
+        _flip_first_byte(path)
+    with monkeypatch.context() as patched:
+        _no_full_build(patched)
+        out = run(src, img, "--print-digest", *extra, capsys=capsys)
+    assert img.read_bytes() == uncached(src)
+    assert out == fsverity.digest_bytes(img.read_bytes()).hex() + "\n"
+    if store:
+        digest = fsverity.digest_file(src / "d04" / "f3")
+        assert (tmp_path / "store" / fsverity.object_path(digest)).is_file()
+    # remembered in its turn: unchanged, the image is kept; changed again, rewritten again
+    before = os.stat(img).st_ino
+    run(src, img, *extra)
+    assert os.stat(img).st_ino == before
+    _flip_first_byte(src / "d04" / "f3")
+    with monkeypatch.context() as patched:
+        _no_full_build(patched)
+        run(src, img, *extra)
+    assert img.read_bytes() == uncached(src)
+
+
+def test_racy_files_of_the_last_build_still_allow_a_rewrite(tmp_path, monkeypatch):
+    """With the real racy margin every file of a fresh tree is recorded untrusted, so each
+    build reads them all again; what the cache recorded still says what the last image had."""
+    monkeypatch.setattr(cache_mod, "RACY_MARGIN_NS", 3 * 10**9)
+    src, img = primed(tmp_path)
+    _flip_first_byte(src / "d08" / "f2")
+    with monkeypatch.context() as patched:
+        _no_full_build(patched)
+        run(src, img)
+    assert img.read_bytes() == uncached(src)
+    _flip_first_byte(src / "d08" / "f2")   # back, and another one
+    _flip_first_byte(src / "d02" / "deeper" / "small")
+    with monkeypatch.context() as patched:
+        _no_full_build(patched)
+        run(src, img)
+    assert img.read_bytes() == uncached(src)
+
+
+def _becomes_a_copy(src):
+    """New contents that another file has (its xattrs then go to the shared table)."""
+    _rewrite(src / "d05" / "f2", (src / "d06" / "f2").read_bytes())
+
+
+def _copy_changes(src):
+    """A file one other file had the same contents as (both shared their xattrs)."""
+    _flip_first_byte(src / "d09" / "copy")
+
+
+def _make_copy(src):
+    (src / "d09" / "copy").write_bytes((src / "d09" / "f3").read_bytes())
+    (src / "d10" / "copy").write_bytes((src / "d10" / "f3").read_bytes())
+
+
+def _both_copies_change_alike(src):
+    _flip_first_byte(src / "d10" / "f3")
+    _flip_first_byte(src / "d10" / "copy")
+
+
+def _swap(src):
+    a, b = src / "d01" / "f2", src / "d02" / "f2"
+    first, second = a.read_bytes(), b.read_bytes()
+    _rewrite(a, second)
+    _rewrite(b, first)
+
+
+def _and_a_chmod(src):
+    _flip_first_byte(src / "d03" / "f3")
+    os.chmod(src / "d12" / "f1", 0o640)
+
+
+def _and_a_new_file(src):
+    _flip_first_byte(src / "d03" / "f3")
+    (src / "d12" / "new").write_bytes(b"n" * 200)
+
+
+def _size_changed(src):
+    path = src / "d07" / "f3"
+    _rewrite(path, path.read_bytes() + b"+")
+
+
+def _inline_size_changed(src):
+    path = src / "d07" / "deeper" / "small"
+    _rewrite(path, path.read_bytes() + b"+")
+
+
+def _mtime_too(src):
+    path = src / "d13" / "f2"
+    path.write_bytes(bytes(reversed(path.read_bytes())))   # a new mtime
+
+
+def _make_hard_link(src):
+    os.link(src / "d14" / "f3", src / "d14" / "f3-again")
+
+
+def _hard_link(src):
+    _flip_first_byte(src / "d14" / "f3")
+
+
+def _add_overlay_xattr(src):
+    try:
+        os.setxattr(src / "d15" / "f3", "trusted.overlay.x", b"1")
+    except OSError as exc:
+        pytest.skip(f"trusted xattrs need root: {exc}")
+
+
+def _overlay_xattr(src):
+    """A file with an xattr that sorts between its metacopy and redirect (escaped:
+    trusted.overlay.overlay.x): the two are not next to each other."""
+    _flip_first_byte(src / "d15" / "f3")
+
+
+#: (what the tree has before it is primed, the change), for the changes a rewrite cannot make
+REWRITE_REFUSED = [(None, _becomes_a_copy), (_make_copy, _copy_changes),
+                   (_make_copy, _both_copies_change_alike), (None, _swap),
+                   (None, _and_a_chmod), (None, _and_a_new_file), (None, _size_changed),
+                   (None, _inline_size_changed), (None, _mtime_too),
+                   (_make_hard_link, _hard_link), (_add_overlay_xattr, _overlay_xattr)]
+
+
+@pytest.mark.parametrize("setup,change", REWRITE_REFUSED,
+                         ids=[change.__name__.strip("_") for _, change in REWRITE_REFUSED])
+def test_changes_a_rewrite_cannot_make_build_in_full(tmp_path, monkeypatch, setup, change):
+    """Each gives the uncached image, through a full build."""
+    src = tmp_path / "src"
+    make_tree(src)
+    if setup is not None:
+        setup(src)
+    img = tmp_path / "out.img"
+    run(src, img)
+    run(src, img)
+    change(src)
+    built = _full_builds(monkeypatch)
+    run(src, img)
+    assert built == [1]
+    assert img.read_bytes() == uncached(src)
+
+
+def test_a_damaged_last_image_is_built_in_full(tmp_path, monkeypatch):
+    src, img = primed(tmp_path)
+    data = bytearray(img.read_bytes())
+    data[-1] ^= 1
+    img.write_bytes(bytes(data))
+    _flip_first_byte(src / "d04" / "f3")
+    built = _full_builds(monkeypatch)
+    run(src, img)
+    assert built == [1]
+    assert img.read_bytes() == uncached(src)
+
+
+def test_replace_digests_refuses_what_it_cannot_place(tmp_path):
+    """``replace_digests`` on a real image: a digest found once, inline and followed by its
+    redirect, is replaced; one only in the shared table (two files have it), one not in the
+    image, and one also planted in another file's xattr value are refused, and a refusal
+    leaves the image as it was."""
+    from mkcfs.build.overlay import metacopy_value
+    from mkcfs.build.patch import replace_digests
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "unique").write_bytes(b"u" * 100)
+    (src / "copy1").write_bytes(b"c" * 100)
+    (src / "copy2").write_bytes(b"c" * 100)
+    unique = fsverity.digest_file(src / "unique")
+    copy = fsverity.digest_file(src / "copy1")
+    new = bytes(range(32))
+    image = bytearray(uncached(src))
+    for edits in ([(copy, new)], [(b"\x07" * 32, new)], [(unique, new), (copy, b"\x08" * 32)]):
+        before = bytes(image)
+        assert not replace_digests(image, edits)
+        assert image == before
+    assert replace_digests(image, [(unique, new)])
+    assert unique not in image and image.count(new) == 1
+    assert fsverity.object_path(new).encode() in image
+    # the metacopy entry of "unique" (20 bytes of header and name, then the value) planted
+    entry_at = bytes(uncached(src)).index(metacopy_value(unique)) - 20
+    entry = bytes(uncached(src))[entry_at:entry_at + 56]
+    try:
+        os.setxattr(src / "copy1", "user.planted", entry)
+    except OSError as exc:
+        pytest.skip(f"no user xattrs here: {exc}")
+    twice = bytearray(uncached(src))
+    assert twice.count(entry) == 2
+    before = bytes(twice)
+    assert not replace_digests(twice, [(unique, new)])
+    assert twice == before

@@ -201,22 +201,24 @@ def _main(argv: list[str]) -> int:
     held = _hold_store(opts["digest-store"]) if stores else None
     digest = None
     try:
-        walk = key = None
+        walk = key = patched = None
         if (image_source is None and not from_file and stats is None and image_path != "-"):
             walk = load_tree()
             if walk.shared:   # a rebuild: it may be that of the last image (mkcfs.build.reuse)
                 walk.wait(for_reuse=True)
-                from mkcfs.build.reuse import image_key, kept_image
+                from mkcfs.build.reuse import image_key, kept_image, patched_image
                 assert walk.tree_key is not None and walk.cache is not None
                 key = image_key(walk.tree_key, min_version, max_version)
                 digest = kept_image(walk.cache, key, image_path)
+                if digest is None:   # perhaps only some files' contents changed
+                    patched = patched_image(walk, min_version, max_version, image_path)
         try:
             if digest is None:
                 image = build_image_from(
                     (load_tree if walk is None else lambda: walk) if stats is None
                     else _counted(load_tree, stats),
                     min_version=min_version, max_version=max_version,
-                    dispose=common.keep_to_exit)
+                    dispose=common.keep_to_exit) if patched is None else patched
                 # the digest, when needed, is hashed while the image is written (both let go
                 # of the GIL: ~20 ms of a /usr rebuild)
                 digest_of = (_digest_meanwhile(image) if key is not None or print_digest

@@ -51,6 +51,8 @@ import os
 import stat
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, wait
 from collections.abc import Callable
+from functools import partial
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from fsverity import object_path
@@ -68,7 +70,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.store.cache import DigestCache
     from mkcfs.store.objects import ObjectStore
 
-__all__ = ["WalkInProgress", "WalkOptions", "start_walk", "walk_directory"]
+__all__ = ["OldContent", "PreviousTree", "WalkInProgress", "WalkOptions", "start_walk",
+           "walk_directory"]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
@@ -119,6 +122,22 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
+#: ``_Walker.previous_tree_key``'s source of a small file's old contents: its path (one name
+#: per level below the root) -> the contents, or None when unknown
+OldContent = Callable[[list[bytes]], "bytes | None"]
+
+
+class PreviousTree(NamedTuple):
+    """The tree as it was before some files' contents changed (``previous_tree_key``)."""
+
+    #: the tree key it had
+    key: bytes
+    #: ``(old digest, new digest)`` of the files larger than 64 bytes whose digest changed
+    edits: list[tuple[bytes, bytes]]
+    #: ``(path as names below the root, new contents)`` of the smaller files that changed
+    inline_edits: list[tuple[list[bytes], bytes]]
+
+
 class _Walker:
     def __init__(self, options: WalkOptions, pool: DigestPool, progress: Progress | None,
                  cache: DigestCache | None = None, store: ObjectStore | None = None) -> None:
@@ -142,6 +161,10 @@ class _Walker:
         #: entries) of those the workers scanned (``tree_key``)
         self.own_dirs: list[tuple[bytes, Node]] = []
         self.dir_digests: list[tuple[bytes, bytes]] = []
+        #: the files not found in the digest cache of which it had a record for their inode:
+        #: (directory path, name, the digest recorded; None for inline contents), for
+        #: ``previous_tree_key``
+        self.changed: list[tuple[bytes, bytes, bytes | None]] = []
 
     # -- one inode --------------------------------------------------------------------------
 
@@ -270,8 +293,9 @@ class _Walker:
     def graft(self, job: list[tuple[bytes, Node]], packed: bytes) -> list[tuple[bytes, Node]]:
         """Put the subtrees a worker walked (``_walk_in_worker``) below the job's nodes; the
         directories it left for later, with their nodes."""
-        count, directories, left_paths, updates = marshal.loads(packed)
+        count, directories, left_paths, updates, changed = marshal.loads(packed)
         self.count(count)
+        self.changed += changed
         if updates is not None:
             assert self.cache is not None
             self.cache.apply_updates(updates)
@@ -368,7 +392,9 @@ class _Walker:
                                 self.pool.alias(node, primary)
                                 continue
                             seen[key] = node
-                        if lookup is not None and size > INLINE_MAX:
+                        if lookup is None:
+                            pass
+                        elif size > INLINE_MAX:
                             digest = lookup(st)
                             if digest is not None and (store is None or digest in store):
                                 node.digest = digest
@@ -376,6 +402,15 @@ class _Walker:
                                 continue
                             if cache.cacheable(st):  # type: ignore[union-attr]
                                 cache.record_later(st, node)  # type: ignore[union-attr]
+                                previous = cache.previous(st)  # type: ignore[union-attr]
+                                if previous is not None:
+                                    self.changed.append((dpath, name, previous))
+                        elif lookup(st) is None and cache.cacheable(st):  # type: ignore[union-attr]
+                            # inline contents, read anyway: the record tells the next build
+                            # whether the file changed since
+                            if cache.previous(st) is not None:  # type: ignore[union-attr]
+                                self.changed.append((dpath, name, None))
+                            cache.record_inline(st)  # type: ignore[union-attr]
                         add(path, node)
                 elif fmt == _S_IFDIR:
                     stack.append((path, node))
@@ -398,12 +433,76 @@ class _Walker:
         """After a shared walk whose files all have their contents: the SHA-256 of the tree
         (see the module docstring) below ``root``, the same for the same tree whichever
         process scanned which directory."""
-        from hashlib import sha256
-
-        digests = self.dir_digests + [
+        self.dir_digests += [
             (path, _entries_digest(path, _directory_entries(node.children)))  # type: ignore[arg-type]
             for path, node in self.own_dirs]
-        digests.sort()
+        self.own_dirs = []
+        self.dir_digests.sort()
+        return self._key(root, self.dir_digests)
+
+    def changed_files(self, src: bytes, root: Node
+                      ) -> list[tuple[bytes, list[bytes], Node, bytes | None]]:
+        """The files of ``changed``, grouped by directory: ``(directory path, path as names
+        below the root, node, recorded digest or None)``."""
+        out = []
+        directories: dict[bytes, tuple[list[bytes], dict]] = {}
+        for dpath, name, previous in sorted(self.changed, key=itemgetter(0)):
+            if dpath not in directories:
+                parts = [part for part in dpath[len(src):].split(b"/") if part]
+                node = root
+                for part in parts:
+                    node = node.children[part]  # type: ignore[index,assignment]
+                directories[dpath] = (parts, node.children)  # type: ignore[assignment]
+            parts, children = directories[dpath]
+            out.append((dpath, [*parts, name], children[name], previous))
+        return out
+
+    def previous_tree_key(self, src: bytes, root: Node, old_content: OldContent
+                          ) -> PreviousTree | None:
+        """After ``tree_key``: what the tree was when the files that changed since the digest
+        cache's records had their old contents (``PreviousTree``): a file larger than 64
+        bytes the digest the cache recorded for its inode, a smaller one what
+        ``old_content(names)`` gives for its path (one name per level below the root; None
+        when it cannot tell, and then this is None too). None as well when no digest and no
+        contents changed. When the key is the last image's, that image was made from this
+        very tree but for those files' contents (``mkcfs.build.reuse``)."""
+        edits: list[tuple[bytes, bytes]] = []
+        inline_edits: list[tuple[list[bytes], bytes]] = []
+        replaced: dict[bytes, bytes] = {}
+        changed = self.changed_files(src, root)
+        kept = [(node, node.digest, node.payload, node.content) for _, _, node, _ in changed]
+        try:
+            for i, (dpath, names, node, previous) in enumerate(changed):
+                if previous is None:   # inline contents
+                    old = old_content(names)
+                    if old is None:
+                        return None
+                    if old != node.content:
+                        inline_edits.append((names, node.content))  # type: ignore[arg-type]
+                    node.content = old
+                else:
+                    if node.digest != previous:
+                        edits.append((previous, node.digest or b""))
+                    node.digest = previous
+                    node.payload = object_path(previous).encode()
+                if i + 1 == len(changed) or changed[i + 1][0] != dpath:   # its directory's last
+                    parent = root
+                    for part in names[:-1]:
+                        parent = parent.children[part]  # type: ignore[index,assignment]
+                    replaced[dpath] = _entries_digest(dpath, _directory_entries(parent.children))  # type: ignore[arg-type]
+        finally:
+            for node, digest, payload, content in kept:
+                node.digest, node.payload, node.content = digest, payload, content
+        if not edits and not inline_edits:
+            return None
+        return PreviousTree(self._key(root, [(path, replaced.get(path, digest))
+                                             for path, digest in self.dir_digests]),
+                            edits, inline_edits)
+
+    def _key(self, root: Node, digests: list[tuple[bytes, bytes]]) -> bytes:
+        """The tree key of ``root`` with these ``(path, entries digest)``, sorted."""
+        from hashlib import sha256
+
         options = self.options
         head = marshal.dumps((options.use_epoch, options.skip_devices, options.skip_xattrs,
                               options.user_xattrs, options.hardlinks),
@@ -462,7 +561,8 @@ def _walk_in_worker(paths: list[bytes]) -> bytes:
     their new and small files, and return everything packed (``marshal``) for
     ``_Walker.graft``: the entry count; each directory walked, after its parent, as ``(path,
     entries, digest)`` (``_pack``); the paths of the directories found and left for another
-    job; the digest cache's updates. It stops taking directories from its stack after
+    job; the digest cache's updates; the files missing from the cache that it had a record
+    of (``_Walker.changed``). It stops taking directories from its stack after
     ``_JOB_ENTRIES`` entries (the directories it was given are always read)."""
     assert _forked is not None
     options, cache = _forked
@@ -485,7 +585,7 @@ def _walk_in_worker(paths: list[bytes]) -> bytes:
         cache.collect()
         updates = cache.take_updates()
     return marshal.dumps((count, _pack(list(zip(paths, tops)), left), list(left.values()),
-                          updates))
+                          updates, walker.changed))
 
 
 def _pack(tops: list[tuple[bytes, Node]], left: dict[int, bytes]) -> list[tuple[bytes, bytes,
@@ -565,6 +665,32 @@ class WalkInProgress:
         #: expected to find its files in the cache): the SHA-256 of the tree as walked (see
         #: the module docstring); None otherwise
         self.tree_key: bytes | None = None
+        self._previous: Callable[[OldContent], PreviousTree | None] | None = None
+        self._changes = 0
+        self._changed_files: Callable[[], list[tuple[bytes, list[bytes], Node, bytes | None]]
+                                      ] | None = None
+
+    def digest_edits(self) -> list[tuple[bytes, bytes]]:
+        """After ``wait(for_reuse=True)`` of a shared walk: ``(recorded, now)`` digests of the
+        files larger than 64 bytes whose digest changed since the digest cache recorded it."""
+        if self._changed_files is None:
+            return []
+        # (a file without a digest, which a finished walk does not leave, gets b"": no
+        # image has it, and the rewrite is refused)
+        return [(previous, node.digest or b"") for _, _, node, previous in self._changed_files()
+                if previous is not None and node.digest != previous]
+
+    def previous_tree(self, old_content: OldContent) -> PreviousTree | None:
+        """After ``wait(for_reuse=True)`` of a shared walk: the tree as it was before the
+        files that changed since the digest cache's records did (see
+        ``_Walker.previous_tree_key``), or None."""
+        return self._previous(old_content) if self._previous is not None else None
+
+    @property
+    def changes(self) -> int:
+        """After ``wait(for_reuse=True)`` of a shared walk: how many files changed since the
+        digest cache recorded them (read again; ``previous_tree`` looks at them)."""
+        return self._changes
 
     def wait(self, filled: Filled | None = None, *, for_reuse: bool = False) -> None:
         """Wait for the files to be read and fill their nodes; raise the walk's error (a file
@@ -652,6 +778,9 @@ def start_walk(path: PathArg, options: WalkOptions | None = None) -> WalkInProgr
             pool.finish(filled)
             if for_reuse and shared:
                 walk.tree_key = walker.tree_key(root)
+                walk._previous = partial(walker.previous_tree_key, src, root)
+                walk._changes = len(walker.changed)
+                walk._changed_files = partial(walker.changed_files, src, root)
             if cache is not None:
                 cache.collect()
                 if not for_reuse:

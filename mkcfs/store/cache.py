@@ -2,7 +2,9 @@
 
 A rebuild from a tree that barely changed should not read the tree again. The cache remembers,
 per regular file hashed by an earlier build, its ``(inode, size, mtime, ctime)`` and fs-verity
-digest; a file whose ``lstat`` still gives exactly those values is not read again.
+digest; a file whose ``lstat`` still gives exactly those values is not read again. A file of
+1 to 64 bytes, whose contents the image holds inline and a build always reads, is recorded
+with ``NO_DIGEST``: the next build then knows whether it changed (``mkcfs.build.reuse``).
 
 Why a hit is never a wrong digest
 ---------------------------------
@@ -11,10 +13,12 @@ Why a hit is never a wrong digest
   the ctime). A file replaced by another that reuses the inode number was created later, so its
   ctime differs too. The key compares size, mtime and ctime to the nanosecond.
 * **Racy entries** (git's index has the same rule): a file changed in the same clock tick in
-  which it was recorded would keep its ctime. An entry is therefore only recorded when its ctime
+  which it was recorded would keep its ctime. An entry is therefore only trusted when its ctime
   is more than ``RACY_MARGIN_NS`` older than the start of the build that hashed it (coarse kernel
-  clocks tick every few milliseconds; some file systems store whole seconds); such a file is
-  simply hashed again next time.
+  clocks tick every few milliseconds; some file systems store whole seconds); a racy entry is
+  recorded with ``UNTRUSTED`` for its ctime, which no lookup answers from: such a file is
+  hashed again next time. The record only tells the next build which digest the last image
+  had for that file (``previous``, for ``mkcfs.build.reuse``).
 * **Another machine, boot or file system.** Inode numbers mean something only on one mounted
   file system. Each part of the cache (a *section*, one per source directory) is tied to the
   machine (``/etc/machine-id``), the boot (``boot_id``: device numbers of e.g. tmpfs and overlayfs
@@ -73,7 +77,7 @@ from bisect import bisect_left
 from mkcfs.tree import Node
 
 __all__ = ["DigestCache", "default_cache_path", "MAGIC", "RACY_MARGIN_NS", "MAX_SECTIONS", "MAX_ENTRIES",
-           "source_identity"]
+           "NO_DIGEST", "UNTRUSTED", "source_identity"]
 
 MAGIC = b"MKCFSDC\x02"
 _HEAD = struct.Struct("<8sII")                    # magic, crc32, section count
@@ -84,8 +88,14 @@ _NO_MEMO = bytes(64)
 _RECORD = 64                                      # bytes: 4 u64 + a 32-byte digest
 _WORDS = _RECORD // 8
 _U64 = (1 << 64) - 1
-#: entries whose ctime is this close to (or after) the build's start are not recorded
+#: entries whose ctime is this close to (or after) the build's start are not trusted
 RACY_MARGIN_NS = 3_000_000_000
+#: the ctime word of a record that no lookup answers from (a racy entry); no file is looked
+#: up with this ctime (-1 ns, whose masked value it is: ``lookup`` refuses it)
+UNTRUSTED = (1 << 64) - 1
+#: the digest of the record of a file of at most 64 bytes (read by every build: its record only
+#: tells whether it changed)
+NO_DIGEST = bytes(32)
 MAX_SECTIONS = 64
 #: a run of old records that a lookup hit (``DigestCache._hit_marks``)
 _MARKED_RUN = re.compile(b"\x01+")
@@ -262,7 +272,7 @@ class DigestCache:
         words = self._old_words
         base = i * _WORDS
         if (words[base + 1] != st.st_size or words[base + 2] != st.st_mtime_ns & _U64
-                or words[base + 3] != st.st_ctime_ns & _U64):
+                or words[base + 3] != st.st_ctime_ns & _U64 or words[base + 3] == UNTRUSTED):
             return None
         if not self._hit_marks[i]:
             self.hits += 1
@@ -277,23 +287,42 @@ class DigestCache:
         if self._old is not None:
             self._old.drop_words()   # decoded again if ``save`` needs it
 
+    def previous(self, st: os.stat_result) -> bytes | None:
+        """The digest the previous build recorded for the inode of ``lstat`` result ``st``,
+        whatever the file's times and size now (not a digest of the file: what the last
+        image said of the file that had this inode; see ``mkcfs.build.reuse``), or None."""
+        i = self._index.get(st.st_ino)
+        if i is None or st.st_dev != self.dev:
+            return None
+        return self._old_raw[i * _RECORD + 32:(i + 1) * _RECORD]
+
     def cacheable(self, st: os.stat_result) -> bool:
-        """Whether a file with ``lstat`` result ``st`` can be recorded (same device, not racy)."""
-        return (st.st_dev == self.dev and bool(self.identity)
-                and st.st_ctime_ns < self.started - RACY_MARGIN_NS)
+        """Whether a file with ``lstat`` result ``st`` can be recorded: on the source's
+        device (a racy one is recorded untrusted: see the module docstring)."""
+        return st.st_dev == self.dev and bool(self.identity)
+
+    def _ctime_word(self, st: os.stat_result) -> int:
+        """The ctime word of the record of ``st``: ``UNTRUSTED`` for a racy entry."""
+        ctime = st.st_ctime_ns
+        return ctime & _U64 if ctime < self.started - RACY_MARGIN_NS else UNTRUSTED
 
     def record(self, st: os.stat_result, digest: bytes) -> None:
         """Remember ``digest`` for the file with ``lstat`` result ``st`` (see ``cacheable``);
         a file ``lookup`` found needs no call: its record is kept."""
         self._words.extend((st.st_ino, st.st_size, st.st_mtime_ns & _U64,
-                            st.st_ctime_ns & _U64))
+                            self._ctime_word(st)))
         self._digests += digest
+
+    def record_inline(self, st: os.stat_result) -> None:
+        """Remember the file of at most 64 bytes with ``lstat`` result ``st`` (``NO_DIGEST``:
+        see the module docstring)."""
+        self.record(st, NO_DIGEST)
 
     def record_later(self, st: os.stat_result, node: Node) -> None:
         """Remember the file with ``lstat`` result ``st`` whose digest the hashing workers will
         put in ``node.digest`` (see ``collect``)."""
         self._pending_words.extend((st.st_ino, st.st_size, st.st_mtime_ns & _U64,
-                                    st.st_ctime_ns & _U64))
+                                    self._ctime_word(st)))
         self._pending_nodes.append(node)
 
     def collect(self) -> None:
