@@ -4,7 +4,8 @@ a reference mkcomposefs, for first builds and for rebuilds with the digest cache
 Usage::
 
     python3 tools/bench_directory.py [--runs N] [--reference PATH-TO-mkcomposefs]
-        [--scenarios first,unchanged,touched] [--scratch DIR] [--args "..."] [DIR ...]
+        [--scenarios first,unchanged,touched,touched-unique] [--scratch DIR] [--args "..."]
+        [DIR ...]
 
 DIR defaults to /usr/share (metadata-heavy), /usr/lib/x86_64-linux-gnu (digest-heavy) and /usr.
 Scenarios (one table row each per DIR):
@@ -17,8 +18,13 @@ Scenarios (one table row each per DIR):
   content changed with size, atime and mtime restored (``utimensat``, what ``touch -d`` does),
   which only the ctime shows; mkcfs rebuilds with the cache, and its image is compared byte for
   byte with the reference's (or, without a reference, with an uncached mkcfs build).
+* ``touched-unique``: the same, but the files are chosen among those whose size no other file
+  of the tree has (and with one link): their contents are unique before and after the change,
+  which is what lets a rebuild rewrite the last image instead of building it
+  (``mkcfs.build.reuse``); a random 1% of /usr also hits files that have copies.
 
-Each command runs once to warm the page cache, then N times (default 5), the tools alternating
+Each command runs once to warm the page cache (mkcfs twice for a rebuild: the first fills the
+cache, the second remembers its image), then N times (default 5), the tools alternating
 run by run so both see the same machine conditions. Printed per row: the median and min wall
 time, the median peak RSS (GNU time's ``%M`` when /usr/bin/time exists: a child forked from this
 Python process would otherwise be charged this process's pages), the median CPU time (user +
@@ -57,9 +63,19 @@ def regular_files(root: str) -> list[str]:
     return found
 
 
-def touch_one_percent(files: list[str], rnd: random.Random) -> int:
-    """Change the first byte of 1% of ``files``; restore size, atime and mtime."""
-    chosen = rnd.sample(files, max(1, len(files) // 100))
+def unique_sized(files: list[str]) -> list[str]:
+    """The ``files`` whose size no other of them has, with one link each."""
+    sizes: dict[int, int] = {}
+    stats = [os.lstat(path) for path in files]
+    for st in stats:
+        sizes[st.st_size] = sizes.get(st.st_size, 0) + 1
+    return [path for path, st in zip(files, stats) if sizes[st.st_size] == 1 and st.st_nlink == 1]
+
+
+def touch_one_percent(files: list[str], rnd: random.Random, among: list[str] | None = None) -> int:
+    """Change the first byte of 1% of ``files`` (chosen ``among`` those, if given); restore
+    size, atime and mtime."""
+    chosen = rnd.sample(among or files, max(1, len(files) // 100))
     for path in chosen:
         st = os.lstat(path)
         with open(path, "r+b") as f:
@@ -81,14 +97,15 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reference", help="a mkcomposefs binary to compare with")
     ap.add_argument("--scenarios", default="first",
-                    help="comma-separated: first, unchanged, touched (default: first)")
+                    help="comma-separated: first, unchanged, touched, touched-unique "
+                         "(default: first)")
     ap.add_argument("--scratch", help="where the touched scenario copies the trees")
     ap.add_argument("--args", default="", help="extra mkcomposefs options for both tools")
     ap.add_argument("--python", default=sys.executable)
     opts = ap.parse_args()
     scenarios = [s for s in opts.scenarios.split(",") if s]
     for s in scenarios:
-        if s not in ("first", "unchanged", "touched"):
+        if s not in ("first", "unchanged", "touched", "touched-unique"):
             ap.error(f"unknown scenario {s}")
 
     env = checkout_env()
@@ -109,28 +126,34 @@ def main() -> int:
             for scenario in scenarios:
                 tree = directory
                 files: list[str] = []
-                if scenario == "touched":
+                among: list[str] | None = None
+                touching = scenario.startswith("touched")
+                if touching:
                     tree = os.path.join(scratch, directory.strip("/").replace("/", "_"))
                     if not os.path.exists(tree):
                         subprocess.run(["cp", "-a", "--reflink=auto", directory, tree],
                                        check=True)
                     files = regular_files(tree)
+                    if scenario == "touched-unique":
+                        among = unique_sized(files)
                 cache = os.path.join(work, f"cache-{scenario}-{directory.strip('/').replace('/', '_')}")
                 mine = [*ours_cmd, *([f"--digest-cache={cache}"] if scenario != "first" else []),
                         tree, ours_img]
                 tools = [("mkcfs", mine)]
                 if ref_cmd:
                     tools.append(("reference", [*ref_cmd, tree, ref_img]))
-                if scenario == "touched":
+                if touching:
                     time.sleep(3.5)   # let the copy's ctimes age past the cache's racy margin
                 for _name, cmd in tools:   # warm-up (fills the cache)
                     run_once(cmd, env)
+                if scenario != "first":   # a rebuild: it remembers its image (a pipeline's
+                    run_once(mine, env)   # steady state; see mkcfs.build.reuse)
                 results: dict[str, list[tuple[float, int, float]]] = {name: [] for name, _ in tools}
                 rnd = random.Random(1)
                 mismatches = 0
                 for i in range(opts.runs):
-                    if scenario == "touched":
-                        touch_one_percent(files, rnd)
+                    if touching:
+                        touch_one_percent(files, rnd, among)
                     order = tools if i % 2 == 0 else tools[::-1]
                     for name, cmd in order:
                         results[name].append(run_once(cmd, env))
