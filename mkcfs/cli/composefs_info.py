@@ -265,6 +265,7 @@ def _dump_in_two(image, toplevel: list[bytes] | None, spool: _Spool) -> BinaryIO
     import tempfile
     from array import array
 
+    from mkcfs import forksafe
     from mkcfs.inspect.unflatten import SplitConflict, dump_records, dump_split
     from mkcfs.sources.dumpfile import dump_blocks
 
@@ -276,11 +277,13 @@ def _dump_in_two(image, toplevel: list[bytes] | None, spool: _Spool) -> BinaryIO
     #: byte 0: 1 once the child wrote the split path; bytes 1-4 its length (0: no split)
     board = mmap.mmap(-1, _BOARD_SIZE)
     answer_r, answer_w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:    # the child: find the split, print from there on, report, leave
         status = 1
         try:
             os.close(answer_w)
+            forksafe.die_with_parent(parent)   # a killed dump leaves no child printing on
             split = dump_split(image, toplevel, min_slots=0, share=_PARENT_SHARE)
             encoded = b"/".join(split) if split else b""
             if len(encoded) > _BOARD_SIZE - 5:

@@ -4,6 +4,8 @@ in two parts at any split path is the same text (or the parts refuse to join).""
 
 from __future__ import annotations
 
+import os
+
 from array import array
 
 import pytest
@@ -263,6 +265,22 @@ def test_info_dump_in_two_processes(tmp_path, capsysbinary, monkeypatch):
         0, _via_tree(image, [b"d2"]), b"")
     linked = bytes(build_image(generate(0, bulk=300, large=10000).root).data)
     assert _info_dump(tmp_path, capsysbinary, linked) == (0, _via_tree(linked), b"")
+
+
+def test_info_dump_child_dies_with_its_parent(tmp_path, capsysbinary, monkeypatch):
+    """The child of a dump in two processes asks to die with the dump (``forksafe``)."""
+    monkeypatch.setattr(unflatten, "SPLIT_MIN_SLOTS", 0)
+    monkeypatch.setattr(forksafe, "spare_cpu", lambda: True)
+    marker = tmp_path / "asked"
+    real = forksafe.die_with_parent
+
+    def noting(parent: int) -> None:
+        marker.write_text(str(parent))
+        real(parent)
+    monkeypatch.setattr(forksafe, "die_with_parent", noting)
+    image = _no_links_image()
+    assert _info_dump(tmp_path, capsysbinary, image) == (0, _via_tree(image), b"")
+    assert marker.read_text() == str(os.getpid())
 
 
 def test_info_dump_in_two_processes_of_a_bad_second_part(tmp_path, capsysbinary, monkeypatch):
