@@ -161,7 +161,6 @@ def patched_image(walk: WalkInProgress, min_version: int, max_version: int,
         return None
     if digest_bytes(data) != memo[1]:
         return None
-    reader = Image(data)   # the last image, as its digest shows: a well-formed one
     inline_files: dict[tuple[bytes, ...], Inode] = {}
 
     def old_content(names: list[bytes]) -> bytes | None:
@@ -171,9 +170,10 @@ def patched_image(walk: WalkInProgress, min_version: int, max_version: int,
         inline_files[tuple(names)] = ino
         return reader.data_bytes(ino, INLINE_MAX)
 
-    try:
+    try:   # the last image, as its digest shows: one a build of mkcfs wrote
+        reader = Image(data)
         previous = walk.previous_tree(old_content)
-    except ImageFormatError:   # pragma: no cover - the image is one this code wrote
+    except ImageFormatError:   # pragma: no cover - then an older mkcfs wrote it badly
         return None
     if (previous is None or image_key(previous.key, min_version, max_version) != memo[0]
             or previous.edits != edits):
