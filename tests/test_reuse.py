@@ -271,13 +271,15 @@ def _full_builds(monkeypatch) -> list[int]:
 def test_changed_contents_rewrite_the_last_image(tmp_path, monkeypatch, capsys, store):
     src = tmp_path / "src"
     make_tree(src)
+    (src / "top").write_bytes(b"t" * 99)   # in the root, which this process walks
+    (src / "top-small").write_bytes(b"t" * 9)
     img = tmp_path / "out.img"
     extra = [f"--digest-store={tmp_path / 'store'}"] if store else []
     run(src, img, *extra)
     run(src, img, *extra)
     capsys.readouterr()
     for path in (src / "d04" / "f3", src / "d11" / "deeper" / "file", src / "d19" / "f1",
-                 src / "d06" / "deeper" / "small"):   # the last one inline
+                 src / "d06" / "deeper" / "small", src / "top", src / "top-small"):
         _flip_first_byte(path)
     with monkeypatch.context() as patched:
         _no_full_build(patched)
