@@ -51,7 +51,6 @@ import os
 import stat
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, wait
 from collections.abc import Callable
-from functools import partial
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
@@ -70,7 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.store.cache import DigestCache
     from mkcfs.store.objects import ObjectStore
 
-__all__ = ["OldContent", "PreviousTree", "WalkInProgress", "WalkOptions", "start_walk",
+__all__ = ["ChangedFile", "OldContent", "PreviousTree", "WalkInProgress", "WalkOptions", "start_walk",
            "walk_directory"]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -125,6 +124,20 @@ def _default_threads() -> int:
 #: ``_Walker.previous_tree_key``'s source of a small file's old contents: its path (one name
 #: per level below the root) -> the contents, or None when unknown
 OldContent = Callable[[list[bytes]], "bytes | None"]
+
+
+class ChangedFile(NamedTuple):
+    """A file the walk found changed since the digest cache recorded it."""
+
+    #: the path of its directory, as walked
+    directory: bytes
+    #: its path, as names below the root
+    names: list[bytes]
+    #: the entries of its directory (it among them)
+    siblings: dict[bytes, Any]
+    node: Node
+    #: the digest recorded for its inode; None for a file of at most 64 bytes
+    previous: bytes | None
 
 
 class PreviousTree(NamedTuple):
@@ -392,25 +405,24 @@ class _Walker:
                                 self.pool.alias(node, primary)
                                 continue
                             seen[key] = node
-                        if lookup is None:
-                            pass
-                        elif size > INLINE_MAX:
-                            digest = lookup(st)
-                            if digest is not None and (store is None or digest in store):
-                                node.digest = digest
-                                node.payload = object_path(digest).encode()
-                                continue
-                            if cache.cacheable(st):  # type: ignore[union-attr]
-                                cache.record_later(st, node)  # type: ignore[union-attr]
-                                previous = cache.previous(st)  # type: ignore[union-attr]
-                                if previous is not None:
-                                    self.changed.append((dpath, name, previous))
-                        elif lookup(st) is None and cache.cacheable(st):  # type: ignore[union-attr]
-                            # inline contents, read anyway: the record tells the next build
-                            # whether the file changed since
-                            if cache.previous(st) is not None:  # type: ignore[union-attr]
-                                self.changed.append((dpath, name, None))
-                            cache.record_inline(st)  # type: ignore[union-attr]
+                        if lookup is not None:
+                            if size > INLINE_MAX:
+                                digest = lookup(st)
+                                if digest is not None and (store is None or digest in store):
+                                    node.digest = digest
+                                    node.payload = object_path(digest).encode()
+                                    continue
+                                if cache.cacheable(st):  # type: ignore[union-attr]
+                                    cache.record_later(st, node)  # type: ignore[union-attr]
+                                    previous = cache.previous(st)  # type: ignore[union-attr]
+                                    if previous is not None:
+                                        self.changed.append((dpath, name, previous))
+                            elif lookup(st) is None and cache.cacheable(st):  # type: ignore[union-attr]
+                                # inline contents, read anyway: the record tells the next
+                                # build whether the file changed since
+                                if cache.previous(st) is not None:  # type: ignore[union-attr]
+                                    self.changed.append((dpath, name, None))
+                                cache.record_inline(st)  # type: ignore[union-attr]
                         add(path, node)
                 elif fmt == _S_IFDIR:
                     stack.append((path, node))
@@ -440,10 +452,8 @@ class _Walker:
         self.dir_digests.sort()
         return self._key(root, self.dir_digests)
 
-    def changed_files(self, src: bytes, root: Node
-                      ) -> list[tuple[bytes, list[bytes], Node, bytes | None]]:
-        """The files of ``changed``, grouped by directory: ``(directory path, path as names
-        below the root, node, recorded digest or None)``."""
+    def changed_files(self, src: bytes, root: Node) -> list[ChangedFile]:
+        """The files of ``changed`` (``src``: the path of ``root``), grouped by directory."""
         out = []
         directories: dict[bytes, tuple[list[bytes], dict]] = {}
         for dpath, name, previous in sorted(self.changed, key=itemgetter(0)):
@@ -454,7 +464,7 @@ class _Walker:
                     node = node.children[part]  # type: ignore[index,assignment]
                 directories[dpath] = (parts, node.children)  # type: ignore[assignment]
             parts, children = directories[dpath]
-            out.append((dpath, [*parts, name], children[name], previous))
+            out.append(ChangedFile(dpath, [*parts, name], children, children[name], previous))
         return out
 
     def previous_tree_key(self, src: bytes, root: Node, old_content: OldContent
@@ -470,9 +480,10 @@ class _Walker:
         inline_edits: list[tuple[list[bytes], bytes]] = []
         replaced: dict[bytes, bytes] = {}
         changed = self.changed_files(src, root)
-        kept = [(node, node.digest, node.payload, node.content) for _, _, node, _ in changed]
+        kept = [(file.node, file.node.digest, file.node.payload, file.node.content)
+                for file in changed]
         try:
-            for i, (dpath, names, node, previous) in enumerate(changed):
+            for i, (dpath, names, siblings, node, previous) in enumerate(changed):
                 if previous is None:   # inline contents
                     old = old_content(names)
                     if old is None:
@@ -485,11 +496,8 @@ class _Walker:
                         edits.append((previous, node.digest or b""))
                     node.digest = previous
                     node.payload = object_path(previous).encode()
-                if i + 1 == len(changed) or changed[i + 1][0] != dpath:   # its directory's last
-                    parent = root
-                    for part in names[:-1]:
-                        parent = parent.children[part]  # type: ignore[index,assignment]
-                    replaced[dpath] = _entries_digest(dpath, _directory_entries(parent.children))  # type: ignore[arg-type]
+                if i + 1 == len(changed) or changed[i + 1].directory != dpath:   # its last
+                    replaced[dpath] = _entries_digest(dpath, _directory_entries(siblings))
         finally:
             for node, digest, payload, content in kept:
                 node.digest, node.payload, node.content = digest, payload, content
@@ -665,32 +673,36 @@ class WalkInProgress:
         #: expected to find its files in the cache): the SHA-256 of the tree as walked (see
         #: the module docstring); None otherwise
         self.tree_key: bytes | None = None
-        self._previous: Callable[[OldContent], PreviousTree | None] | None = None
-        self._changes = 0
-        self._changed_files: Callable[[], list[tuple[bytes, list[bytes], Node, bytes | None]]
-                                      ] | None = None
-
-    def digest_edits(self) -> list[tuple[bytes, bytes]]:
-        """After ``wait(for_reuse=True)`` of a shared walk: ``(recorded, now)`` digests of the
-        files larger than 64 bytes whose digest changed since the digest cache recorded it."""
-        if self._changed_files is None:
-            return []
-        # (a file without a digest, which a finished walk does not leave, gets b"": no
-        # image has it, and the rewrite is refused)
-        return [(previous, node.digest or b"") for _, _, node, previous in self._changed_files()
-                if previous is not None and node.digest != previous]
-
-    def previous_tree(self, old_content: OldContent) -> PreviousTree | None:
-        """After ``wait(for_reuse=True)`` of a shared walk: the tree as it was before the
-        files that changed since the digest cache's records did (see
-        ``_Walker.previous_tree_key``), or None."""
-        return self._previous(old_content) if self._previous is not None else None
+        #: after ``wait(for_reuse=True)`` of a shared walk: the walker and the source path,
+        #: for what changed since the digest cache's records
+        self._walked: tuple[_Walker, bytes] | None = None
 
     @property
     def changes(self) -> int:
         """After ``wait(for_reuse=True)`` of a shared walk: how many files changed since the
         digest cache recorded them (read again; ``previous_tree`` looks at them)."""
-        return self._changes
+        return len(self._walked[0].changed) if self._walked is not None else 0
+
+    def digest_edits(self) -> list[tuple[bytes, bytes]]:
+        """After ``wait(for_reuse=True)`` of a shared walk: ``(recorded, now)`` digests of the
+        files larger than 64 bytes whose digest changed since the digest cache recorded it."""
+        if self._walked is None:
+            return []
+        walker, src = self._walked
+        # (a file without a digest, which a finished walk does not leave, gets b"": no
+        # image has it, and the rewrite is refused)
+        return [(file.previous, file.node.digest or b"")
+                for file in walker.changed_files(src, self.root)
+                if file.previous is not None and file.node.digest != file.previous]
+
+    def previous_tree(self, old_content: OldContent) -> PreviousTree | None:
+        """After ``wait(for_reuse=True)`` of a shared walk: the tree as it was before the
+        files that changed since the digest cache's records did (see
+        ``_Walker.previous_tree_key``), or None."""
+        if self._walked is None:
+            return None
+        walker, src = self._walked
+        return walker.previous_tree_key(src, self.root, old_content)
 
     def wait(self, filled: Filled | None = None, *, for_reuse: bool = False) -> None:
         """Wait for the files to be read and fill their nodes; raise the walk's error (a file
@@ -778,9 +790,7 @@ def start_walk(path: PathArg, options: WalkOptions | None = None) -> WalkInProgr
             pool.finish(filled)
             if for_reuse and shared:
                 walk.tree_key = walker.tree_key(root)
-                walk._previous = partial(walker.previous_tree_key, src, root)
-                walk._changes = len(walker.changed)
-                walk._changed_files = partial(walker.changed_files, src, root)
+                walk._walked = (walker, src)
             if cache is not None:
                 cache.collect()
                 if not for_reuse:
