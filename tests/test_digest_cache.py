@@ -203,6 +203,7 @@ def test_racy_entries_are_recorded_untrusted(tmp_path, monkeypatch):
     make_tree(src)
     old = time.time_ns() - 10 * 10**9
     os.utime(src / "f0", ns=(old, old))   # an old mtime does not make the file old: ctime is now
+    os.utime(src / "f2", ns=(0, -5 * 10**9))   # before 1970: recorded as two's complement
     cache = tmp_path / "cache"
     first = build(src, cache)
     [section] = sections(cache)
@@ -212,7 +213,8 @@ def test_racy_entries_are_recorded_untrusted(tmp_path, monkeypatch):
     st = os.lstat(src / "f0")
     loaded = DigestCache(cache, os.fsencode(src), os.lstat(src))
     assert loaded.lookup(st) is None
-    assert loaded.previous(st) == fsverity.digest_file(src / "f0")
+    assert loaded.previous(st) == (fsverity.digest_file(src / "f0"), st.st_size, st.st_mtime_ns)
+    assert loaded.previous(os.lstat(src / "f2"))[2] == -5 * 10**9  # type: ignore[index]
     assert build(src, cache) == first
     assert len(opened) == 20
     # a file whose ctime is -1 ns (the UNTRUSTED word) is not answered from such a record

@@ -300,6 +300,33 @@ def test_changed_contents_rewrite_the_last_image(tmp_path, monkeypatch, capsys, 
     assert img.read_bytes() == uncached(src)
 
 
+def _edit(path, contents: bytes) -> None:
+    """New contents, and a new mtime (later than every other file's), as an editor leaves."""
+    time.sleep(0.002)
+    path.write_bytes(contents)
+
+
+@pytest.mark.parametrize("epoch", [False, True], ids=["mtimes", "use-epoch"])
+def test_edited_files_with_new_sizes_and_mtimes_rewrite_the_last_image(tmp_path, monkeypatch,
+                                                                       epoch):
+    """Real edits: new contents of other sizes with new mtimes (and an inline file of the
+    same size with a new mtime); with --use-epoch the inodes are compact."""
+    src, img = tmp_path / "src", tmp_path / "out.img"
+    make_tree(src)
+    extra = ["--use-epoch"] if epoch else []
+    run(src, img, *extra)
+    run(src, img, *extra)
+    _edit(src / "d04" / "f3", b"longer contents " * 30)
+    _edit(src / "d12" / "deeper" / "file", b"short" * 20)
+    _edit(src / "d13" / "deeper" / "small", b"S" * 14)
+    os.utime(src / "d14" / "f2", ns=(0, time.time_ns()))   # a new mtime alone
+    with monkeypatch.context() as patched:
+        _no_full_build(patched)
+        run(src, img, *extra)
+    assert img.read_bytes() == bytes(build_image(walk_directory(
+        src, WalkOptions(threads=1, use_epoch=epoch))).data)
+
+
 def test_racy_files_of_the_last_build_still_allow_a_rewrite(tmp_path, monkeypatch):
     """With the real racy margin every file of a fresh tree is recorded untrusted, so each
     build reads them all again; what the cache recorded still says what the last image had."""
@@ -355,19 +382,32 @@ def _and_a_new_file(src):
     (src / "d12" / "new").write_bytes(b"n" * 200)
 
 
-def _size_changed(src):
+def _older_than_the_build_time(src):
+    """A new mtime before every other file's: the image's build time changes."""
     path = src / "d07" / "f3"
-    _rewrite(path, path.read_bytes() + b"+")
+    path.write_bytes(path.read_bytes() + b"+")
+    os.utime(path, ns=(0, 10**9))
+
+
+def _oldest_file_edited(src):
+    """The file that gave the image its build time gets a new mtime: the build time moves,
+    and with it which inodes are compact."""
+    _edit(src / "d16" / "f2", b"new" * 50)
+
+
+def _make_oldest(src):
+    os.utime(src / "d16" / "f2", ns=(0, 10**9))
+
+
+def _beyond_one_chunk(src):
+    """Grown past 8 TiB (sparse): two chunks, a longer chunk index."""
+    with open(src / "d17" / "f3", "r+b") as f:
+        f.truncate((1 << 43) + 4096)
 
 
 def _inline_size_changed(src):
     path = src / "d07" / "deeper" / "small"
     _rewrite(path, path.read_bytes() + b"+")
-
-
-def _mtime_too(src):
-    path = src / "d13" / "f2"
-    path.write_bytes(bytes(reversed(path.read_bytes())))   # a new mtime
 
 
 def _make_hard_link(src):
@@ -394,8 +434,9 @@ def _overlay_xattr(src):
 #: (what the tree has before it is primed, the change), for the changes a rewrite cannot make
 REWRITE_REFUSED = [(None, _becomes_a_copy), (_make_copy, _copy_changes),
                    (_make_copy, _both_copies_change_alike), (None, _swap),
-                   (None, _and_a_chmod), (None, _and_a_new_file), (None, _size_changed),
-                   (None, _inline_size_changed), (None, _mtime_too),
+                   (None, _and_a_chmod), (None, _and_a_new_file),
+                   (None, _older_than_the_build_time), (_make_oldest, _oldest_file_edited),
+                   (None, _beyond_one_chunk), (None, _inline_size_changed),
                    (_make_hard_link, _hard_link), (_add_overlay_xattr, _overlay_xattr)]
 
 
@@ -415,6 +456,25 @@ def test_changes_a_rewrite_cannot_make_build_in_full(tmp_path, monkeypatch, setu
     run(src, img)
     assert built == [1]
     assert img.read_bytes() == uncached(src)
+
+
+def test_a_compact_inode_that_must_become_extended_is_built_in_full(tmp_path, monkeypatch):
+    """With --use-epoch every inode is compact; a file grown past 4 GiB (sparse, its mtime
+    restored) needs an extended one, which moves every inode after it."""
+    src, img = tmp_path / "src", tmp_path / "out.img"
+    make_tree(src)
+    run(src, img, "--use-epoch")
+    run(src, img, "--use-epoch")
+    path = src / "d05" / "f3"
+    st = os.lstat(path)
+    with open(path, "r+b") as f:
+        f.truncate((1 << 32) + 4096)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    built = _full_builds(monkeypatch)
+    run(src, img, "--use-epoch")
+    assert built == [1]
+    assert img.read_bytes() == bytes(build_image(walk_directory(
+        src, WalkOptions(threads=1, use_epoch=True))).data)
 
 
 def test_a_damaged_last_image_is_built_in_full(tmp_path, monkeypatch):

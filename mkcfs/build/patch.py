@@ -4,7 +4,10 @@ An external file's contents reach a composefs image only through two of its xatt
 ``trusted.overlay.metacopy``, which carries the fs-verity digest, and
 ``trusted.overlay.redirect``, ``/`` and the object path (the digest in hex). Both values have a
 fixed length, so when only some files' digests changed every inode stays where it was and the
-new image is the old one with those two values rewritten: ``replace_digests``.
+new image is the old one with those two values rewritten: ``replace_digests``. A small file's
+contents are its inline data, of the same length when its size stayed (``replace_contents``).
+A new size or mtime is a field of the file's inode, which keeps its place and shape as long as
+the layout would give it the same (``resize_inode``).
 
 That holds only while neither the old nor the new digest of a file is used by any other file:
 a value used by two inodes lives in the shared xattr table, whose contents and order depend on
@@ -19,13 +22,16 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from erofs.format import xattr_prefix_split
+from erofs.format import (EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE, INODE_COMPACT,
+                          INODE_COMPACT_FIELDS, INODE_EXTENDED, INODE_EXTENDED_FIELDS,
+                          chunk_params, xattr_prefix_split)
 from erofs.layout import InlineEntries
+from erofs.reader import Inode
 from fsverity import object_path
 
 from mkcfs.build.overlay import METACOPY, REDIRECT, metacopy_value, redirect_value
 
-__all__ = ["replace_contents", "replace_digests"]
+__all__ = ["replace_contents", "replace_digests", "resize_inode"]
 
 _DIGEST_SIZE = 32
 
@@ -99,4 +105,46 @@ def replace_contents(image: bytearray, extents: list[tuple[int, int]], contents:
     for offset, length in extents:
         image[offset:offset + length] = contents[done:done + length]
         done += length
+    return True
+
+
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+
+
+def resize_inode(image: bytearray, ino: Inode, build_time: tuple[int, int], size: int,
+                 mtime: tuple[int, int]) -> bool:
+    """Give the inode ``ino`` of ``image`` (``build_time``: the image's) a new ``size`` and
+    ``mtime`` ``(s, ns)``, where ``erofs.layout`` would give the new inode the same place and
+    shape: the build time stays (the old and the new mtime are both later than it, or the
+    same), the inode stays compact or extended (compact: its mtime is the build time, nlink,
+    uid and gid fit 16 bits and its size 32), an external file stays of one chunk (its
+    chunk bits, in ``i_u``, follow its size), and a file with inline data keeps its size.
+    False, and ``image`` unchanged, otherwise."""
+    old_mtime = (ino.mtime, ino.mtime_nsec)
+    if mtime != old_mtime and not (old_mtime > build_time and mtime > build_time):
+        return False
+    compact = (mtime == build_time and ino.nlink <= _U16 and ino.uid <= _U16
+               and ino.gid <= _U16 and size <= _U32)
+    if compact == ino.extended:
+        return False
+    if ino.layout == EROFS_INODE_CHUNK_BASED:
+        bits, count = chunk_params(size)
+        if count != 1 or chunk_params(ino.size)[1] != 1:
+            return False
+        i_u = bits - 12
+    elif ino.layout == EROFS_INODE_FLAT_INLINE and size == ino.size:
+        i_u = ino.i_u
+    else:
+        return False
+    packer, names = ((INODE_EXTENDED, list(INODE_EXTENDED_FIELDS)) if ino.extended
+                     else (INODE_COMPACT, list(INODE_COMPACT_FIELDS)))
+    fields = list(packer.unpack_from(image, ino.offset))
+    fields[names.index("i_size")] = size
+    fields[names.index("i_u")] = i_u
+    if ino.extended:
+        fields[names.index("i_mtime")] = mtime[0] & _U64
+        fields[names.index("i_mtime_nsec")] = mtime[1] & _U32
+    packer.pack_into(image, ino.offset, *fields)
     return True

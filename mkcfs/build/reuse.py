@@ -1,4 +1,5 @@
-"""Reusing the image of the last build when nothing it was made of changed.
+"""Reusing the image of the last build when nothing it was made of changed, or only some
+files' contents.
 
 A rebuild of an unchanged tree into the same image file should cost the walk that proves it
 unchanged, not a second build of the same bytes. The digest cache (``mkcfs.store.cache``)
@@ -19,12 +20,14 @@ or replaced since is built again. Only then is the build skipped: the image is l
 
 When some files' contents changed and nothing else did (``patched_image``), the last image is
 rewritten instead of built: the walk gives the key the tree would have if those files still
-had the digests the cache recorded for their inodes (``WalkInProgress.previous_tree_key``).
-When that is the last image's key, the last image was made from this tree but for those
-digests, and ``mkcfs.build.patch`` replaces them in a copy of it, provided no other file of
-the tree has an old or a new digest (then every such value is an inline xattr of its one file
-and the shared xattr table stays as it was). The result is the image a full build makes, byte
-for byte; any doubt builds it in full.
+had what the cache recorded for their inodes (digest, size, mtime) and, for inline files, the
+contents the last image holds (``WalkInProgress.previous_tree``). When that is the last
+image's key, the last image was made from this tree but for those files, and
+``mkcfs.build.patch`` writes their new values into a copy of it, provided no other file of the
+tree has an old or a new digest (then every such value is an inline xattr of its one file and
+the shared xattr table stays as it was) and every inode keeps its place and shape
+(``resize_inode``). The result is the image a full build makes, byte for byte; any doubt
+builds it in full.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ def patched_image(walk: WalkInProgress, min_version: int, max_version: int,
     from fsverity import digest_bytes
 
     from mkcfs.build.image import BuiltImage
-    from mkcfs.build.patch import replace_contents, replace_digests
+    from mkcfs.build.patch import replace_contents, replace_digests, resize_inode
     from mkcfs.store.reading import INLINE_MAX
 
     cache = walk.cache
@@ -185,4 +188,14 @@ def patched_image(walk: WalkInProgress, min_version: int, max_version: int,
     for names, contents in previous.inline_edits:
         if not replace_contents(image, reader.extents(inline_files[tuple(names)]), contents):
             return None
+    build_time = (reader.build_time, reader.build_time_nsec)
+    try:
+        for edit in previous.inode_edits:
+            ino = inline_files.get(tuple(edit.names)) or reader.lookup(edit.names)
+            if (ino is None or ino.mode & S_IFMT != S_IFREG
+                    or (ino.size, (ino.mtime, ino.mtime_nsec)) != (edit.old_size, edit.old_mtime)
+                    or not resize_inode(image, ino, build_time, edit.size, edit.mtime)):
+                return None
+    except ImageFormatError:   # pragma: no cover - see above
+        return None
     return BuiltImage(image, reader.version)

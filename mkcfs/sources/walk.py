@@ -69,8 +69,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mkcfs.store.cache import DigestCache
     from mkcfs.store.objects import ObjectStore
 
-__all__ = ["ChangedFile", "OldContent", "PreviousTree", "WalkInProgress", "WalkOptions", "start_walk",
-           "walk_directory"]
+__all__ = ["ChangedFile", "InodeEdit", "OldContent", "PreviousTree", "WalkInProgress",
+           "WalkOptions", "start_walk", "walk_directory"]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
@@ -138,6 +138,21 @@ class ChangedFile(NamedTuple):
     node: Node
     #: the digest recorded for its inode; None for a file of at most 64 bytes
     previous: bytes | None
+    #: the size and the mtime (ns) recorded
+    previous_size: int
+    previous_mtime: int
+
+
+class InodeEdit(NamedTuple):
+    """A changed file whose size or mtime changed too (``PreviousTree.inode_edits``)."""
+
+    #: its path, as names below the root
+    names: list[bytes]
+    #: the size and mtime ``(s, ns)`` the last image has, and those it has now
+    old_size: int
+    old_mtime: tuple[int, int]
+    size: int
+    mtime: tuple[int, int]
 
 
 class PreviousTree(NamedTuple):
@@ -149,6 +164,8 @@ class PreviousTree(NamedTuple):
     edits: list[tuple[bytes, bytes]]
     #: ``(path as names below the root, new contents)`` of the smaller files that changed
     inline_edits: list[tuple[list[bytes], bytes]]
+    #: the changed files whose size or mtime changed too
+    inode_edits: list[InodeEdit]
 
 
 class _Walker:
@@ -175,9 +192,9 @@ class _Walker:
         self.own_dirs: list[tuple[bytes, Node]] = []
         self.dir_digests: list[tuple[bytes, bytes]] = []
         #: the files not found in the digest cache of which it had a record for their inode:
-        #: (directory path, name, the digest recorded; None for inline contents), for
-        #: ``previous_tree_key``
-        self.changed: list[tuple[bytes, bytes, bytes | None]] = []
+        #: (directory path, name, the digest recorded (None for inline contents), the size and
+        #: the mtime in ns recorded), for ``previous_tree_key``
+        self.changed: list[tuple[bytes, bytes, bytes | None, int, int]] = []
 
     # -- one inode --------------------------------------------------------------------------
 
@@ -416,12 +433,13 @@ class _Walker:
                                     cache.record_later(st, node)  # type: ignore[union-attr]
                                     previous = cache.previous(st)  # type: ignore[union-attr]
                                     if previous is not None:
-                                        self.changed.append((dpath, name, previous))
+                                        self.changed.append((dpath, name, *previous))
                             elif lookup(st) is None and cache.cacheable(st):  # type: ignore[union-attr]
                                 # inline contents, read anyway: the record tells the next
                                 # build whether the file changed since
-                                if cache.previous(st) is not None:  # type: ignore[union-attr]
-                                    self.changed.append((dpath, name, None))
+                                previous = cache.previous(st)  # type: ignore[union-attr]
+                                if previous is not None:
+                                    self.changed.append((dpath, name, None, *previous[1:]))
                                 cache.record_inline(st)  # type: ignore[union-attr]
                         add(path, node)
                 elif fmt == _S_IFDIR:
@@ -456,7 +474,7 @@ class _Walker:
         """The files of ``changed`` (``src``: the path of ``root``), grouped by directory."""
         out = []
         directories: dict[bytes, tuple[list[bytes], dict]] = {}
-        for dpath, name, previous in sorted(self.changed, key=itemgetter(0)):
+        for dpath, name, previous, size, mtime in sorted(self.changed, key=itemgetter(0)):
             if dpath not in directories:
                 parts = [part for part in dpath[len(src):].split(b"/") if part]
                 node = root
@@ -464,7 +482,8 @@ class _Walker:
                     node = node.children[part]  # type: ignore[index,assignment]
                 directories[dpath] = (parts, node.children)  # type: ignore[assignment]
             parts, children = directories[dpath]
-            out.append(ChangedFile(dpath, [*parts, name], children, children[name], previous))
+            out.append(ChangedFile(dpath, [*parts, name], children, children[name], previous,
+                                   size, mtime))
         return out
 
     def previous_tree_key(self, src: bytes, root: Node, old_content: OldContent
@@ -474,16 +493,25 @@ class _Walker:
         bytes the digest the cache recorded for its inode, a smaller one what
         ``old_content(names)`` gives for its path (one name per level below the root; None
         when it cannot tell, and then this is None too). None as well when no digest and no
-        contents changed. When the key is the last image's, that image was made from this
-        very tree but for those files' contents (``mkcfs.build.reuse``)."""
+        contents changed. The size and the mtime recorded are given back too (the mtime
+        not with ``use_epoch``). When the key is the last image's, that image was made from
+        this very tree but for those files' contents, sizes and mtimes (``mkcfs.build.reuse``)."""
         edits: list[tuple[bytes, bytes]] = []
         inline_edits: list[tuple[list[bytes], bytes]] = []
+        inode_edits: list[InodeEdit] = []
         replaced: dict[bytes, bytes] = {}
         changed = self.changed_files(src, root)
-        kept = [(file.node, file.node.digest, file.node.payload, file.node.content)
-                for file in changed]
+        kept = [(file.node, file.node.digest, file.node.payload, file.node.content,
+                 file.node.size, file.node.mtime_sec, file.node.mtime_nsec) for file in changed]
+        use_epoch = self.options.use_epoch
         try:
-            for i, (dpath, names, siblings, node, previous) in enumerate(changed):
+            for i, (dpath, names, siblings, node, previous, size, mtime) in enumerate(changed):
+                old_mtime = (node.mtime_sec, node.mtime_nsec) if use_epoch else divmod(mtime, _NS)
+                if (size, old_mtime) != (node.size, (node.mtime_sec, node.mtime_nsec)):
+                    inode_edits.append(InodeEdit(names, size, old_mtime, node.size,
+                                                 (node.mtime_sec, node.mtime_nsec)))
+                    node.size = size
+                    node.mtime_sec, node.mtime_nsec = old_mtime
                 if previous is None:   # inline contents
                     old = old_content(names)
                     if old is None:
@@ -499,13 +527,14 @@ class _Walker:
                 if i + 1 == len(changed) or changed[i + 1].directory != dpath:   # its last
                     replaced[dpath] = _entries_digest(dpath, _directory_entries(siblings))
         finally:
-            for node, digest, payload, content in kept:
+            for node, digest, payload, content, size, sec, nsec in kept:
                 node.digest, node.payload, node.content = digest, payload, content
-        if not edits and not inline_edits:
+                node.size, node.mtime_sec, node.mtime_nsec = size, sec, nsec
+        if not edits and not inline_edits and not inode_edits:
             return None
         return PreviousTree(self._key(root, [(path, replaced.get(path, digest))
                                              for path, digest in self.dir_digests]),
-                            edits, inline_edits)
+                            edits, inline_edits, inode_edits)
 
     def _key(self, root: Node, digests: list[tuple[bytes, bytes]]) -> bytes:
         """The tree key of ``root`` with these ``(path, entries digest)``, sorted."""

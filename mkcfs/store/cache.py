@@ -287,14 +287,18 @@ class DigestCache:
         if self._old is not None:
             self._old.drop_words()   # decoded again if ``save`` needs it
 
-    def previous(self, st: os.stat_result) -> bytes | None:
-        """The digest the previous build recorded for the inode of ``lstat`` result ``st``,
-        whatever the file's times and size now (not a digest of the file: what the last
-        image said of the file that had this inode; see ``mkcfs.build.reuse``), or None."""
+    def previous(self, st: os.stat_result) -> tuple[bytes, int, int] | None:
+        """``(digest, size, mtime in ns)`` the previous build recorded for the inode of
+        ``lstat`` result ``st``, whatever the file is now (not the file's: what the last
+        image said of the file that had this inode; see ``mkcfs.build.reuse``), or None.
+        The digest of a file of at most 64 bytes is ``NO_DIGEST``."""
         i = self._index.get(st.st_ino)
         if i is None or st.st_dev != self.dev:
             return None
-        return self._old_raw[i * _RECORD + 32:(i + 1) * _RECORD]
+        words = self._old_words
+        mtime = words[i * _WORDS + 2]
+        return (self._old_raw[i * _RECORD + 32:(i + 1) * _RECORD], words[i * _WORDS + 1],
+                mtime - (1 << 64) if mtime >> 63 else mtime)
 
     def cacheable(self, st: os.stat_result) -> bool:
         """Whether a file with ``lstat`` result ``st`` can be recorded: on the source's
