@@ -335,6 +335,15 @@ class InodeTable:
         self.shared_refs = array("Q")
 
 
+def fits_compact(mtime_sec: int, mtime_nsec: int, nlink: int, uid: int, gid: int, size: int,
+                 build_time: int, build_time_nsec: int) -> bool:
+    """Whether an inode is compact (32 bytes) rather than extended: its mtime is the image's
+    build time (the oldest mtime), nlink, uid and gid fit 16 bits and its size 32 (the rule
+    of ``lay_out_inodes``, which spells it out on its path for external files)."""
+    return (mtime_sec == build_time and mtime_nsec == build_time_nsec and nlink <= _U16
+            and uid <= _U16 and gid <= _U16 and size <= _U32)
+
+
 def _pair_header(xattrs: XattrPlan, key0: bytes, key1: bytes
                  ) -> tuple[bytes, InlineEntries, InlineEntries]:
     """The body header (no shared refs) of two inline xattrs with these keys, and the inline
@@ -440,6 +449,7 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             known = known_body(id(rec_xattrs))
             if known is not None or (len(rec_xattrs) == 2 and (get_shared is None or (
                     get_shared(rec_xattrs[0]) is None and get_shared(rec_xattrs[1]) is None))):
+                # (``fits_compact``, spelled out: this path takes most records)
                 compact = (rec.mtime_sec == build_time and rec.mtime_nsec == build_time_nsec
                            and rec.nlink <= _U16 and rec.uid <= _U16 and rec.gid <= _U16
                            and size <= _U32)
@@ -544,9 +554,8 @@ def lay_out_inodes(records: list[InodeRecord], xattrs: XattrPlan) -> InodeTable:
             if ftype == S_IFCHR or ftype == S_IFBLK:
                 i_u = rec.rdev & _U32
 
-        compact = (rec.mtime_sec == build_time and rec.mtime_nsec == build_time_nsec
-                   and rec.nlink <= _U16 and rec.uid <= _U16 and rec.gid <= _U16
-                   and size <= _U32)
+        compact = fits_compact(rec.mtime_sec, rec.mtime_nsec, rec.nlink, rec.uid, rec.gid, size,
+                               build_time, build_time_nsec)
 
         # --- xattr body ----------------------------------------------------------------------
         rec_xattrs = rec.xattrs

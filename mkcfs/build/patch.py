@@ -25,7 +25,7 @@ from functools import lru_cache
 from erofs.format import (EROFS_INODE_CHUNK_BASED, EROFS_INODE_FLAT_INLINE, INODE_COMPACT,
                           INODE_COMPACT_FIELDS, INODE_EXTENDED, INODE_EXTENDED_FIELDS,
                           chunk_params, xattr_prefix_split)
-from erofs.layout import InlineEntries
+from erofs.layout import InlineEntries, fits_compact
 from erofs.reader import Inode
 from fsverity import object_path
 
@@ -108,7 +108,6 @@ def replace_contents(image: bytearray, extents: list[tuple[int, int]], contents:
     return True
 
 
-_U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
@@ -118,16 +117,13 @@ def resize_inode(image: bytearray, ino: Inode, build_time: tuple[int, int], size
     """Give the inode ``ino`` of ``image`` (``build_time``: the image's) a new ``size`` and
     ``mtime`` ``(s, ns)``, where ``erofs.layout`` would give the new inode the same place and
     shape: the build time stays (the old and the new mtime are both later than it, or the
-    same), the inode stays compact or extended (compact: its mtime is the build time, nlink,
-    uid and gid fit 16 bits and its size 32), an external file stays of one chunk (its
-    chunk bits, in ``i_u``, follow its size), and a file with inline data keeps its size.
-    False, and ``image`` unchanged, otherwise."""
+    same), the inode stays compact or extended (``erofs.layout.fits_compact``), an external
+    file stays of one chunk (its chunk bits, in ``i_u``, follow its size), and a file with
+    inline data keeps its size. False, and ``image`` unchanged, otherwise."""
     old_mtime = (ino.mtime, ino.mtime_nsec)
     if mtime != old_mtime and not (old_mtime > build_time and mtime > build_time):
         return False
-    compact = (mtime == build_time and ino.nlink <= _U16 and ino.uid <= _U16
-               and ino.gid <= _U16 and size <= _U32)
-    if compact == ino.extended:
+    if fits_compact(*mtime, ino.nlink, ino.uid, ino.gid, size, *build_time) == ino.extended:
         return False
     if ino.layout == EROFS_INODE_CHUNK_BASED:
         bits, count = chunk_params(size)
