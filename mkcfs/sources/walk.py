@@ -193,8 +193,11 @@ class _Walker:
         self.dir_digests: list[tuple[bytes, bytes]] = []
         #: the files not found in the digest cache of which it had a record for their inode:
         #: (directory path, name, the digest recorded (None for inline contents), the size and
-        #: the mtime in ns recorded), for ``previous_tree_key``
+        #: the mtime in ns recorded), for ``changed_files``
         self.changed: list[tuple[bytes, bytes, bytes | None, int, int]] = []
+        #: after ``run``: the source path and the root of its tree
+        self.source: tuple[bytes, Node] | None = None
+        self._changed_files: list[ChangedFile] | None = None
 
     # -- one inode --------------------------------------------------------------------------
 
@@ -257,6 +260,7 @@ class _Walker:
         # the walk's lookup tables are done with (this walker lives on for ``tree_key``; one
         # entry per distinct mtime is ~20 MB for /usr)
         self.seen, self.modes, self.mtimes = {}, {}, {}
+        self.source = (src, root)
         return root
 
     def walk(self, queue: list[tuple[bytes, Node]]) -> None:
@@ -470,8 +474,12 @@ class _Walker:
         self.dir_digests.sort()
         return self._key(root, self.dir_digests)
 
-    def changed_files(self, src: bytes, root: Node) -> list[ChangedFile]:
-        """The files of ``changed`` (``src``: the path of ``root``), grouped by directory."""
+    def changed_files(self) -> list[ChangedFile]:
+        """After ``run``: the files of ``changed``, grouped by directory (found once)."""
+        if self._changed_files is not None:
+            return self._changed_files
+        assert self.source is not None
+        src, root = self.source
         out = []
         directories: dict[bytes, tuple[list[bytes], dict]] = {}
         for dpath, name, previous, size, mtime in sorted(self.changed, key=itemgetter(0)):
@@ -484,10 +492,10 @@ class _Walker:
             parts, children = directories[dpath]
             out.append(ChangedFile(dpath, [*parts, name], children, children[name], previous,
                                    size, mtime))
+        self._changed_files = out
         return out
 
-    def previous_tree_key(self, src: bytes, root: Node, old_content: OldContent
-                          ) -> PreviousTree | None:
+    def previous_tree_key(self, old_content: OldContent) -> PreviousTree | None:
         """After ``tree_key``: what the tree was when the files that changed since the digest
         cache's records had their old contents (``PreviousTree``): a file larger than 64
         bytes the digest the cache recorded for its inode, a smaller one what
@@ -500,7 +508,7 @@ class _Walker:
         inline_edits: list[tuple[list[bytes], bytes]] = []
         inode_edits: list[InodeEdit] = []
         replaced: dict[bytes, bytes] = {}
-        changed = self.changed_files(src, root)
+        changed = self.changed_files()
         kept = [(file.node, file.node.digest, file.node.payload, file.node.content,
                  file.node.size, file.node.mtime_sec, file.node.mtime_nsec) for file in changed]
         use_epoch = self.options.use_epoch
@@ -532,8 +540,9 @@ class _Walker:
                 node.size, node.mtime_sec, node.mtime_nsec = size, sec, nsec
         if not edits and not inline_edits and not inode_edits:
             return None
-        return PreviousTree(self._key(root, [(path, replaced.get(path, digest))
-                                             for path, digest in self.dir_digests]),
+        assert self.source is not None
+        return PreviousTree(self._key(self.source[1], [(path, replaced.get(path, digest))
+                                                       for path, digest in self.dir_digests]),
                             edits, inline_edits, inode_edits)
 
     def _key(self, root: Node, digests: list[tuple[bytes, bytes]]) -> bytes:
@@ -702,36 +711,34 @@ class WalkInProgress:
         #: expected to find its files in the cache): the SHA-256 of the tree as walked (see
         #: the module docstring); None otherwise
         self.tree_key: bytes | None = None
-        #: after ``wait(for_reuse=True)`` of a shared walk: the walker and the source path,
-        #: for what changed since the digest cache's records
-        self._walked: tuple[_Walker, bytes] | None = None
+        #: after ``wait(for_reuse=True)`` of a shared walk: its walker, which knows what
+        #: changed since the digest cache's records
+        self._walker: _Walker | None = None
 
     @property
     def changes(self) -> int:
         """After ``wait(for_reuse=True)`` of a shared walk: how many files changed since the
         digest cache recorded them (read again; ``previous_tree`` looks at them)."""
-        return len(self._walked[0].changed) if self._walked is not None else 0
+        return len(self._walker.changed) if self._walker is not None else 0
 
     def digest_edits(self) -> list[tuple[bytes, bytes]]:
         """After ``wait(for_reuse=True)`` of a shared walk: ``(recorded, now)`` digests of the
         files larger than 64 bytes whose digest changed since the digest cache recorded it."""
-        if self._walked is None:
+        if self._walker is None:
             return []
-        walker, src = self._walked
         # (a file without a digest, which a finished walk does not leave, gets b"": no
         # image has it, and the rewrite is refused)
         return [(file.previous, file.node.digest or b"")
-                for file in walker.changed_files(src, self.root)
+                for file in self._walker.changed_files()
                 if file.previous is not None and file.node.digest != file.previous]
 
     def previous_tree(self, old_content: OldContent) -> PreviousTree | None:
         """After ``wait(for_reuse=True)`` of a shared walk: the tree as it was before the
         files that changed since the digest cache's records did (see
         ``_Walker.previous_tree_key``), or None."""
-        if self._walked is None:
+        if self._walker is None:
             return None
-        walker, src = self._walked
-        return walker.previous_tree_key(src, self.root, old_content)
+        return self._walker.previous_tree_key(old_content)
 
     def wait(self, filled: Filled | None = None, *, for_reuse: bool = False) -> None:
         """Wait for the files to be read and fill their nodes; raise the walk's error (a file
@@ -819,7 +826,7 @@ def start_walk(path: PathArg, options: WalkOptions | None = None) -> WalkInProgr
             pool.finish(filled)
             if for_reuse and shared:
                 walk.tree_key = walker.tree_key(root)
-                walk._walked = (walker, src)
+                walk._walker = walker
             if cache is not None:
                 cache.collect()
                 if not for_reuse:
