@@ -5,6 +5,7 @@ in two parts at any split path is the same text (or the parts refuse to join).""
 from __future__ import annotations
 
 import os
+import time
 
 from array import array
 
@@ -278,6 +279,18 @@ def test_info_dump_child_dies_with_its_parent(tmp_path, capsysbinary, monkeypatc
         marker.write_text(str(parent))
         real(parent)
     monkeypatch.setattr(forksafe, "die_with_parent", noting)
+    real_records = unflatten.dump_records
+
+    def parent_waits(*args, **kwargs):
+        """The parent's printing waits for the child's call: a parent done first kills the
+        child, maybe before it ran at all (on a busy machine)."""
+        if kwargs.get("offer") is not None:
+            for _ in range(2000):
+                if marker.exists() and marker.read_text():
+                    break
+                time.sleep(0.005)
+        return real_records(*args, **kwargs)
+    monkeypatch.setattr(unflatten, "dump_records", parent_waits)
     image = _no_links_image()
     assert _info_dump(tmp_path, capsysbinary, image) == (0, _via_tree(image), b"")
     assert marker.read_text() == str(os.getpid())
