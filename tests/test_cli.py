@@ -221,6 +221,38 @@ def test_live_writers_temporary_is_not_removed(tmp_path):
         assert live.exists() and not stale.exists()
 
 
+def test_files_and_standard_output_are_written_in_chunks(tmp_path, monkeypatch):
+    """Every ``write`` call gets at most ``WRITE_CHUNK`` bytes (larger calls were slow on
+    ext4), and short writes are continued: the file holds exactly the data."""
+    import io
+
+    from mkcfs import fsutil
+    from mkcfs.cli import common
+
+    data = os.urandom(3 * fsutil.WRITE_CHUNK + 5)
+    calls: list[int] = []
+    real_write = os.write
+
+    def short_write(fd, view):
+        calls.append(len(view))
+        return real_write(fd, view[:max(1, len(view) - 7)])   # never all of it
+    monkeypatch.setattr(os, "write", short_write)
+    fsutil.write_atomically(tmp_path / "out", data)
+    monkeypatch.undo()
+    assert (tmp_path / "out").read_bytes() == data
+    assert max(calls) == fsutil.WRITE_CHUNK and len(calls) > 4
+
+    class ShortStream(io.BytesIO):
+        def write(self, view):
+            calls.append(len(view))
+            return super().write(bytes(view)[:max(1, len(view) - 7)])
+    calls.clear()
+    stream = ShortStream()
+    common.write_all(stream, data)
+    assert stream.getvalue() == data
+    assert max(calls) == fsutil.WRITE_CHUNK and len(calls) > 4
+
+
 def test_python_dash_m_and_console_entry_point_agree(tmp_path):
     proc = run_cli("--print-digest-only", "--from-file", str(SAMPLE))
     assert proc.stdout.decode() == SAMPLE_DIGEST + "\n"

@@ -20,6 +20,7 @@ from erofs.errors import ImageFormatError, InternalError
 
 from mkcfs.errors import CfsError
 from mkcfs.forksafe import only_thread
+from mkcfs.fsutil import WRITE_CHUNK
 from mkcfs.gcpause import gc_paused
 
 
@@ -170,7 +171,7 @@ def write_all(stream: BinaryIO, data: bytes | bytearray | memoryview) -> None:
     ``BrokenPipeError``, so a cut output never passes for a complete one."""
     view = memoryview(data).cast("B")
     while view:
-        n = stream.write(view)
+        n = stream.write(view[:WRITE_CHUNK])   # (see ``mkcfs.fsutil.WRITE_CHUNK``)
         if n is None:   # a non-blocking stream that could take nothing: wait for it
             select.select([], [stream], [])
             continue

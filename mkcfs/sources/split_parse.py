@@ -24,6 +24,8 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from mkcfs.fsutil import write_fd
+
 __all__ = ["HelperParse", "SPLIT_MIN"]
 
 #: dumpfiles smaller than this (bytes left to read) are parsed in one process (measured
@@ -221,9 +223,7 @@ def _helper(fd: int, start: int, make_rows: Callable[[list[bytes]], list], memfd
             return
         lines = text[:end].split(b"\n")
         data = marshal.dumps(make_rows(lines))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(memfd, view):]
+        write_fd(memfd, data)
         send(_ROWS, len(data), len(lines), at + end + 1)
         at += end + 1
     send(_STOP if carry else _END, resume=at)
