@@ -155,6 +155,77 @@ def test_file_replaced_by_one_with_the_same_inode_number(tmp_path):
     assert build(src, cache) == build(src)
 
 
+def listxattr_calls(monkeypatch) -> list[bytes]:
+    """The paths the walk asks ``listxattr`` for from now on."""
+    asked: list[bytes] = []
+    real = os.listxattr
+
+    def counting(path, *args, **kwargs):
+        asked.append(os.fsencode(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, "listxattr", counting)
+    return asked
+
+
+def test_files_known_without_xattrs_are_not_asked_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("MKCFS_DIGEST_THREADS", "1")   # the walk runs in this process
+    src = tmp_path / "src"
+    make_tree(src)
+    os.setxattr(src / "sub" / "f1", "user.kept", b"1")
+    (src / "link").symlink_to("f0")
+    cache = tmp_path / "cache"
+    asked = listxattr_calls(monkeypatch)
+    first = build(src, cache)
+    assert len(asked) == 24    # the control: every entry (root, sub, link, small, 20 files)
+    assert first == build(src)
+    asked.clear()
+    assert build(src, cache) == first
+    # a file that had xattrs is asked again, and so are directories and symlinks
+    base = os.fsencode(src)
+    assert sorted(asked) == sorted([base, base + b"/link", base + b"/sub",
+                                    base + b"/sub/f1"])
+    # walked without xattrs, the files are recorded without that knowledge
+    skipping = WalkOptions(digest_cache=tmp_path / "cache2", threads=1, skip_xattrs=True)
+    build_image(walk_directory(src, skipping))
+    asked.clear()
+    build(src, tmp_path / "cache2")
+    assert len(asked) == 24
+
+
+@pytest.mark.parametrize("change", ["set", "remove"])
+def test_xattrs_changed_after_the_cached_build_are_seen(tmp_path, change):
+    """Setting or removing an xattr sets the ctime: the record that said the file had none
+    (or had some) is not trusted, and the image is the uncached one."""
+    src = tmp_path / "src"
+    make_tree(src)
+    target = src / "sub" / "f3"
+    if change == "remove":
+        os.setxattr(target, "user.old", b"1")
+    cache = tmp_path / "cache"
+    first = build(src, cache)
+    before = os.lstat(target)
+    time.sleep(0.02)   # past the file system clock's tick
+    if change == "set":
+        os.setxattr(target, "user.new", b"2")
+    else:
+        os.removexattr(target, "user.old")
+    after = os.lstat(target)
+    assert after.st_ctime_ns != before.st_ctime_ns
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    uncached = build(src)
+    assert uncached != first
+    assert build(src, cache) == uncached
+    # the control: a record that matches the new ctime and says "no xattrs" is believed
+    forged = DigestCache(cache, os.fsencode(src), os.lstat(src))
+    forged.record(after, fsverity.digest_file(target), no_xattrs=True)
+    forged.save()
+    without = build(src, cache)
+    assert (without == uncached) == (change == "remove")
+    if change == "set":
+        os.removexattr(target, "user.new")
+        assert without == build(src)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage", "trailing"])
 def test_corrupt_cache_is_ignored(tmp_path, damage):
     src = tmp_path / "src"

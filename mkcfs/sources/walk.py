@@ -409,10 +409,20 @@ class _Walker:
                         times = mtimes[mtime] = divmod(mtime, _NS)
                     sec, nsec = times
                 size = st.st_size
+                # a file the digest cache knows: its record may say it has no xattrs (then
+                # none are asked for: see ``mkcfs.store.cache``)
+                hit = (lookup(st) if lookup is not None and fmt == _S_IFREG and size > 0
+                       and not (hardlinks and st.st_nlink > 1) else None)
+                if hit is not None and hit[1]:
+                    node_xattrs, seen_none = no_xattrs, True
+                elif read_xattrs:
+                    found = xattrs(path)
+                    node_xattrs, seen_none = found or no_xattrs, found is None
+                else:
+                    node_xattrs, seen_none = no_xattrs, False
                 # one int object per distinct mode and mtime (trees share few): less memory
                 node = Node(modes.setdefault(mode, mode), 1, st.st_uid, st.st_gid,
-                            st.st_rdev, size, sec, nsec, None, None, None,
-                            (xattrs(path) or no_xattrs) if read_xattrs else no_xattrs)
+                            st.st_rdev, size, sec, nsec, None, None, None, node_xattrs)
                 children[name] = node
                 if fmt == _S_IFREG:
                     if st.st_nlink > 1 and hardlinks:
@@ -428,23 +438,23 @@ class _Walker:
                             seen[key] = node
                         if lookup is not None:
                             if size > INLINE_MAX:
-                                digest = lookup(st)
-                                if digest is not None and (store is None or digest in store):
-                                    node.digest = digest
+                                if hit is not None and (store is None or hit[0] in store):
+                                    node.digest = digest = hit[0]
                                     node.payload = object_path(digest).encode()
                                     continue
                                 if cache.cacheable(st):  # type: ignore[union-attr]
-                                    cache.record_later(st, node)  # type: ignore[union-attr]
+                                    cache.record_later(st, node,  # type: ignore[union-attr]
+                                                       seen_none)
                                     previous = cache.previous(st)  # type: ignore[union-attr]
                                     if previous is not None:
                                         self.changed.append((dpath, name, *previous))
-                            elif lookup(st) is None and cache.cacheable(st):  # type: ignore[union-attr]
+                            elif hit is None and cache.cacheable(st):  # type: ignore[union-attr]
                                 # inline contents, read anyway: the record tells the next
                                 # build whether the file changed since
                                 previous = cache.previous(st)  # type: ignore[union-attr]
                                 if previous is not None:
                                     self.changed.append((dpath, name, None, *previous[1:]))
-                                cache.record_inline(st)  # type: ignore[union-attr]
+                                cache.record_inline(st, seen_none)  # type: ignore[union-attr]
                         add(path, node)
                 elif fmt == _S_IFDIR:
                     stack.append((path, node))

@@ -30,6 +30,15 @@ Why a hit is never a wrong digest
 * With a digest store, a hit is used only when the store still holds the object (an ``lstat``);
   otherwise the file goes through the store as usual.
 
+Xattrs known from a hit
+-----------------------
+A record also says whether the build that made it saw the file without any xattr
+(``listxattr``, called after the ``lstat`` that gave the record's ctime, listed no name).
+Setting or removing an xattr sets the ctime as a change of the data does, so a hit on such a
+record means the file still has none, and the walk does not ask again. A file with xattrs, or
+walked without reading them (``--skip-xattrs``), is recorded without that knowledge
+(``XATTRS_UNSEEN``) and asked every time.
+
 The image of the last build
 ---------------------------
 A section also remembers, for the last image built from its tree, a key of everything the image
@@ -60,8 +69,9 @@ it is: an unchanged tree costs no per-file bookkeeping at all.
 
 Format (little-endian): ``MAGIC``, CRC-32 of everything after this field (u32), section count
 (u32); per section a header (``_SECTION``: identity, last use, record count, the last image's
-key and digest, zeros for none) and ``count`` records of 8 u64 sorted by inode: inode, size,
-mtime (ns, two's complement), ctime (ns, two's complement), digest (32 bytes).
+key and digest, zeros for none) and ``count`` records of 8 u64 sorted by inode: inode, size
+(bit 63: ``XATTRS_UNSEEN``), mtime (ns, two's complement), ctime (ns, two's complement), digest
+(32 bytes).
 """
 
 from __future__ import annotations
@@ -77,9 +87,10 @@ from bisect import bisect_left
 from mkcfs.tree import Node
 
 __all__ = ["DigestCache", "default_cache_path", "MAGIC", "RACY_MARGIN_NS", "MAX_SECTIONS", "MAX_ENTRIES",
-           "NO_DIGEST", "UNTRUSTED", "source_identity"]
+           "NO_DIGEST", "UNTRUSTED", "XATTRS_UNSEEN", "source_identity"]
 
-MAGIC = b"MKCFSDC\x02"
+#: (version 3: ``XATTRS_UNSEEN``; a version 2 file is ignored: its records lack that bit)
+MAGIC = b"MKCFSDC\x03"
 _HEAD = struct.Struct("<8sII")                    # magic, crc32, section count
 #: machine id, boot id, st_dev, root inode, f_fsid, last used (ns), record count, the key
 #: and the fs-verity digest of the last image built from the tree (zeros: none)
@@ -96,6 +107,9 @@ UNTRUSTED = (1 << 64) - 1
 #: the digest of the record of a file of at most 64 bytes (read by every build: its record only
 #: tells whether it changed)
 NO_DIGEST = bytes(32)
+#: set in the size word of a record whose file the build did not see without xattrs (it had
+#: some, or they were not read): a hit on it does not tell that the file has none
+XATTRS_UNSEEN = 1 << 63
 MAX_SECTIONS = 64
 #: a run of old records that a lookup hit (``DigestCache._hit_marks``)
 _MARKED_RUN = re.compile(b"\x01+")
@@ -264,20 +278,23 @@ class DigestCache:
             raise ValueError("an image key and digest are 32 bytes each")
         self._memo = key + digest
 
-    def lookup(self, st: os.stat_result) -> bytes | None:
-        """The recorded digest of the file with ``lstat`` result ``st``, if every key matches."""
+    def lookup(self, st: os.stat_result) -> tuple[bytes, bool] | None:
+        """``(digest, whether the file has no xattrs)`` as recorded for the file with
+        ``lstat`` result ``st``, if every key matches (see the module docstring)."""
         i = self._index.get(st.st_ino)
         if i is None or st.st_dev != self.dev:
             return None
         words = self._old_words
         base = i * _WORDS
-        if (words[base + 1] != st.st_size or words[base + 2] != st.st_mtime_ns & _U64
+        size = words[base + 1]
+        if ((size != st.st_size and size != st.st_size | XATTRS_UNSEEN)
+                or words[base + 2] != st.st_mtime_ns & _U64
                 or words[base + 3] != st.st_ctime_ns & _U64 or words[base + 3] == UNTRUSTED):
             return None
         if not self._hit_marks[i]:
             self.hits += 1
             self._hit_marks[i] = 1
-        return self._old_raw[i * _RECORD + 32:(i + 1) * _RECORD]
+        return self._old_raw[i * _RECORD + 32:(i + 1) * _RECORD], size == st.st_size
 
     def end_lookups(self) -> None:
         """The walk is over: drop what ``lookup`` needs (~20 MB for 115k records), which a
@@ -297,7 +314,8 @@ class DigestCache:
             return None
         words = self._old_words
         mtime = words[i * _WORDS + 2]
-        return (self._old_raw[i * _RECORD + 32:(i + 1) * _RECORD], words[i * _WORDS + 1],
+        return (self._old_raw[i * _RECORD + 32:(i + 1) * _RECORD],
+                words[i * _WORDS + 1] & ~XATTRS_UNSEEN,
                 mtime - (1 << 64) if mtime >> 63 else mtime)
 
     def cacheable(self, st: os.stat_result) -> bool:
@@ -310,23 +328,25 @@ class DigestCache:
         ctime = st.st_ctime_ns
         return ctime & _U64 if ctime < self.started - RACY_MARGIN_NS else UNTRUSTED
 
-    def record(self, st: os.stat_result, digest: bytes) -> None:
-        """Remember ``digest`` for the file with ``lstat`` result ``st`` (see ``cacheable``);
-        a file ``lookup`` found needs no call: its record is kept."""
-        self._words.extend((st.st_ino, st.st_size, st.st_mtime_ns & _U64,
-                            self._ctime_word(st)))
+    def record(self, st: os.stat_result, digest: bytes, no_xattrs: bool = False) -> None:
+        """Remember ``digest`` for the file with ``lstat`` result ``st`` (see ``cacheable``),
+        and ``no_xattrs``: whether ``listxattr``, called after that ``lstat``, listed none; a
+        file ``lookup`` found needs no call: its record is kept."""
+        self._words.extend((st.st_ino, st.st_size if no_xattrs else st.st_size | XATTRS_UNSEEN,
+                            st.st_mtime_ns & _U64, self._ctime_word(st)))
         self._digests += digest
 
-    def record_inline(self, st: os.stat_result) -> None:
+    def record_inline(self, st: os.stat_result, no_xattrs: bool = False) -> None:
         """Remember the file of at most 64 bytes with ``lstat`` result ``st`` (``NO_DIGEST``:
-        see the module docstring)."""
-        self.record(st, NO_DIGEST)
+        see the module docstring; ``no_xattrs`` as for ``record``)."""
+        self.record(st, NO_DIGEST, no_xattrs)
 
-    def record_later(self, st: os.stat_result, node: Node) -> None:
+    def record_later(self, st: os.stat_result, node: Node, no_xattrs: bool = False) -> None:
         """Remember the file with ``lstat`` result ``st`` whose digest the hashing workers will
-        put in ``node.digest`` (see ``collect``)."""
-        self._pending_words.extend((st.st_ino, st.st_size, st.st_mtime_ns & _U64,
-                                    self._ctime_word(st)))
+        put in ``node.digest`` (see ``collect``; ``no_xattrs`` as for ``record``)."""
+        self._pending_words.extend((st.st_ino,
+                                    st.st_size if no_xattrs else st.st_size | XATTRS_UNSEEN,
+                                    st.st_mtime_ns & _U64, self._ctime_word(st)))
         self._pending_nodes.append(node)
 
     def collect(self) -> None:
