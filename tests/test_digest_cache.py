@@ -26,6 +26,7 @@ from fsverity import object_path
 from mkcfs.build.image import build_image
 from mkcfs.store import cache as cache_mod
 from mkcfs.store.cache import DigestCache, default_cache_path
+from mkcfs.sources import walk as walk_module
 from mkcfs.sources.walk import WalkOptions, walk_directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -471,7 +472,7 @@ def test_partly_changed_tree_keeps_hit_records_and_replaces_changed_ones(tmp_pat
     assert opened == []
 
 
-@pytest.mark.parametrize("job_entries", [3000, 1])
+@pytest.mark.parametrize("job_entries", [walk_module._JOB_ENTRIES, 1])
 def test_rebuild_walked_with_the_workers_is_the_uncached_build(tmp_path, monkeypatch, job_entries):
     """A rebuild that expects cache hits has the pool's worker processes walk parts of the
     tree (``walk._Walker.walk_shared``): the image is the uncached one, the cache keeps a
