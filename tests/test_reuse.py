@@ -9,6 +9,7 @@ the case changes.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
@@ -177,6 +178,33 @@ def test_image_file_changed_since_is_built_again(tmp_path, damage):
         img = tmp_path / "other.img"
     run(src, img)
     assert img.read_bytes() == good
+
+
+def test_an_image_write_that_fails_leaves_nothing_the_next_build_trusts(tmp_path, monkeypatch,
+                                                                         capsys):
+    """The digest cache is saved, with the image it remembers, while the image is written; if
+    that write fails, the next build finds the image file without that digest and builds."""
+    from mkcfs import fsutil
+
+    src, img = primed(tmp_path)
+    old = img.read_bytes()
+    (src / "d03" / "new").write_bytes(b"n" * 200)
+    real_write = fsutil.write_atomically
+
+    def failing(path, *args, **kwargs):
+        if os.fsencode(path) == os.fsencode(img):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, *args, **kwargs)
+    with monkeypatch.context() as patched:
+        patched.setattr(fsutil, "write_atomically", failing)
+        status = mkcomposefs.main([f"--digest-cache={tmp_path / 'cache'}", "--threads=2",
+                                   str(src), str(img)])
+    assert status != 0 and "No space left on device" in capsys.readouterr().err
+    assert img.read_bytes() == old
+    memo = cache_mod.DigestCache(tmp_path / "cache", os.fsencode(src), os.lstat(src)).image_memo
+    assert memo is not None and memo[1] != fsverity.digest_bytes(old)   # the unwritten image's
+    run(src, img)
+    assert img.read_bytes() == uncached(src) != old
 
 
 @pytest.mark.parametrize("option", ["--use-epoch", "--min-version=1", "--user-xattrs",

@@ -200,6 +200,7 @@ def _main(argv: list[str]) -> int:
     stores = "digest-store" in opts and not from_file
     held = _hold_store(opts["digest-store"]) if stores else None
     digest = None
+    saved = False   # the digest cache (a rebuild's), once saved with the image it remembers
     try:
         walk = key = patched = None
         if (image_source is None and not from_file and stats is None and image_path != "-"):
@@ -220,9 +221,17 @@ def _main(argv: list[str]) -> int:
                     min_version=min_version, max_version=max_version,
                     dispose=common.keep_to_exit) if patched is None else patched
                 # the digest, when needed, is hashed while the image is written (both let go
-                # of the GIL: ~20 ms of a /usr rebuild)
-                digest_of = (_digest_meanwhile(image) if key is not None or print_digest
-                             else None)
+                # of the GIL: ~20 ms of a /usr rebuild), and then a rebuild's digest cache is
+                # saved, remembering it (~25 ms). Should the write fail, the next build finds
+                # that the image file does not have that digest (mkcfs.build.reuse).
+
+                def remember(image_digest: bytes) -> None:
+                    nonlocal saved
+                    walk.cache.remember_image(key, image_digest)  # type: ignore[union-attr]
+                    walk.cache.save()  # type: ignore[union-attr]
+                    saved = True
+                digest_of = (_digest_meanwhile(image, remember if key is not None else None)
+                             if key is not None or print_digest else None)
                 try:
                     if image_path == "-":
                         common.write_stdout(image.data)
@@ -234,11 +243,8 @@ def _main(argv: list[str]) -> int:
                 finally:
                     if digest_of is not None:
                         digest = digest_of()
-                if key is not None:
-                    assert digest is not None
-                    walk.cache.remember_image(key, digest)  # type: ignore[union-attr]
         finally:
-            if key is not None:
+            if key is not None and not saved:
                 walk.cache.save()  # type: ignore[union-attr]
     finally:
         if held is not None:
@@ -255,18 +261,31 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _digest_meanwhile(image) -> Callable[[], bytes]:
-    """Start hashing ``image`` (its fs-verity digest) in a thread; the returned function waits
-    for the digest."""
+def _digest_meanwhile(image, then: Callable[[bytes], None] | None = None
+                      ) -> Callable[[], bytes]:
+    """Start hashing ``image`` (its fs-verity digest) in a thread, which then calls
+    ``then(digest)`` if given; the returned function waits for both, and raises what ``then``
+    raised."""
     import threading
 
     result: list[bytes] = []
-    thread = threading.Thread(target=lambda: result.append(image.fsverity_digest()),
-                              name="image digest")
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(image.fsverity_digest())
+            if then is not None:
+                then(result[0])
+        except BaseException as exc:   # noqa: BLE001 (raised again in the caller's thread)
+            failed.append(exc)
+
+    thread = threading.Thread(target=work, name="image digest")
     thread.start()
 
     def wait() -> bytes:
         thread.join()
+        if failed:
+            raise failed[0]
         if not result:   # pragma: no cover - hashing in memory does not fail
             raise RuntimeError("the image digest could not be computed")
         return result[0]
