@@ -24,7 +24,7 @@ import fcntl
 import os
 import stat
 
-__all__ = ["LockedTemp", "WRITE_CHUNK", "makedirs", "remove_created_dirs",
+__all__ = ["LockedTemp", "WRITE_CHUNK", "current_umask", "makedirs", "remove_created_dirs",
            "remove_stale_temporaries", "temporaries_of", "write_atomically", "write_fd"]
 
 #: the most bytes one ``write`` call is given. Into ext4's page cache here, calls of 1 MiB and
@@ -158,6 +158,23 @@ class LockedTemp:
             self.lock_fd = -1
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status``): setting it to 0
+    for an instant to read it would give a file another thread creates meanwhile mode 0666
+    (the image and the digest cache are written at the same time). Without ``/proc`` it is
+    set and restored at once."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_fd(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write all of ``data`` to the descriptor ``fd``: ``os.write`` of at most ``WRITE_CHUNK``
     bytes at a time until done."""
@@ -221,10 +238,8 @@ def write_atomically(path: str | bytes, data: bytes | bytearray | memoryview,
     remove_stale_temporaries(directory, prefix, suffix)
     temp = LockedTemp(directory, prefix, suffix)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
         temp.write(data)
-        temp.finish(mode & ~umask, durable)
+        temp.finish(mode & ~current_umask(), durable)
         temp.commit(target)
     except BaseException:
         temp.discard()

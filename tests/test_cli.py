@@ -253,6 +253,32 @@ def test_files_and_standard_output_are_written_in_chunks(tmp_path, monkeypatch):
     assert max(calls) == fsutil.WRITE_CHUNK and len(calls) > 4
 
 
+def test_written_files_get_the_umask_read_without_changing_it(tmp_path, monkeypatch):
+    """``write_atomically`` reads the umask from /proc: setting it to 0 for an instant would
+    give a file another thread creates meanwhile mode 0666 (the image and the digest cache are
+    written at the same time)."""
+    import stat
+
+    from mkcfs import fsutil
+
+    old = os.umask(0o027)
+    try:
+        calls: list[int] = []
+        real_umask = os.umask
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
+        fsutil.write_atomically(tmp_path / "f", b"x")
+        assert calls == []
+        assert stat.S_IMODE(os.stat(tmp_path / "f").st_mode) == 0o640
+        # without /proc: set and restored at once, same mode
+        monkeypatch.setattr(fsutil, "open", lambda *a, **k: (_ for _ in ()).throw(OSError()),
+                            raising=False)
+        fsutil.write_atomically(tmp_path / "g", b"x")
+        assert calls == [0, 0o027]
+        assert stat.S_IMODE(os.stat(tmp_path / "g").st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_python_dash_m_and_console_entry_point_agree(tmp_path):
     proc = run_cli("--print-digest-only", "--from-file", str(SAMPLE))
     assert proc.stdout.decode() == SAMPLE_DIGEST + "\n"
