@@ -323,17 +323,19 @@ class DigestCache:
         device (a racy one is recorded untrusted: see the module docstring)."""
         return st.st_dev == self.dev and bool(self.identity)
 
-    def _ctime_word(self, st: os.stat_result) -> int:
-        """The ctime word of the record of ``st``: ``UNTRUSTED`` for a racy entry."""
+    def _record_words(self, st: os.stat_result, no_xattrs: bool) -> tuple[int, int, int, int]:
+        """The four words of the record of ``st``: inode, size (with ``XATTRS_UNSEEN`` unless
+        ``no_xattrs``), mtime, and ctime (``UNTRUSTED`` for a racy entry)."""
         ctime = st.st_ctime_ns
-        return ctime & _U64 if ctime < self.started - RACY_MARGIN_NS else UNTRUSTED
+        return (st.st_ino, st.st_size if no_xattrs else st.st_size | XATTRS_UNSEEN,
+                st.st_mtime_ns & _U64,
+                ctime & _U64 if ctime < self.started - RACY_MARGIN_NS else UNTRUSTED)
 
     def record(self, st: os.stat_result, digest: bytes, no_xattrs: bool = False) -> None:
         """Remember ``digest`` for the file with ``lstat`` result ``st`` (see ``cacheable``),
         and ``no_xattrs``: whether ``listxattr``, called after that ``lstat``, listed none; a
         file ``lookup`` found needs no call: its record is kept."""
-        self._words.extend((st.st_ino, st.st_size if no_xattrs else st.st_size | XATTRS_UNSEEN,
-                            st.st_mtime_ns & _U64, self._ctime_word(st)))
+        self._words.extend(self._record_words(st, no_xattrs))
         self._digests += digest
 
     def record_inline(self, st: os.stat_result, no_xattrs: bool = False) -> None:
@@ -344,9 +346,7 @@ class DigestCache:
     def record_later(self, st: os.stat_result, node: Node, no_xattrs: bool = False) -> None:
         """Remember the file with ``lstat`` result ``st`` whose digest the hashing workers will
         put in ``node.digest`` (see ``collect``; ``no_xattrs`` as for ``record``)."""
-        self._pending_words.extend((st.st_ino,
-                                    st.st_size if no_xattrs else st.st_size | XATTRS_UNSEEN,
-                                    st.st_mtime_ns & _U64, self._ctime_word(st)))
+        self._pending_words.extend(self._record_words(st, no_xattrs))
         self._pending_nodes.append(node)
 
     def collect(self) -> None:
