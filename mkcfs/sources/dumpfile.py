@@ -535,8 +535,6 @@ def _line_blocks(stream: _Reader, strict: bool, end: _TextEnd,
             yield [rest]
 
 
-
-
 def _rows(lines: Iterable[bytes], strict: bool) -> Iterator[tuple]:
     """Each line's fields, parsed and checked, as a row for ``_parse`` to place in the tree:
     ``(path, mode, hardlink, payload, size, nlink, uid, gid, rdev, mtime sec, nsec, content,
